@@ -1,0 +1,162 @@
+"""Command-line loading of ml_collections config files: ``--config path[:variant]`` plus overrides.
+
+Mirrors what ``ml_collections.config_flags`` does, without absl flags, so that every entry point (the JAX
+trainer, the evaluator, and the torch sidecar's ``build_cache``) parses configs the same way. This module
+imports neither jax nor torch: ``audio_gen`` uses it too.
+
+    python -m ith_jax.train --config configs/lm.py:minilm --config.batch_size=16 --config.eval_files='("a.csv",)'
+
+Override values are parsed as Python literals when they look like one and checked against the type of the
+default; ``--config.key value`` (space-separated) works as well. Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+from ith_jax.errors import UserError
+
+__all__ = ["load_config", "load_config_file", "apply_override", "config_to_json"]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:variant]`` by calling its ``get_config(variant)``."""
+    path_text, _, variant = spec.partition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"config file {path_text} does not exist (expected e.g. configs/lm.py or configs/lm.py:tiny)")
+    module_name = f"_ith_config_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path_text} defines no get_config(arg) function")
+    config = module.get_config(variant or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"{path_text}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("none", "null"):
+            return None
+        return text
+
+
+def _coerce(key: str, raw: str, current: Any, field_type: type | None) -> Any:
+    """Turns the override text into a value of the default's type (or raises a UserError saying which)."""
+    expected = field_type if field_type is not None else (type(current) if current is not None else None)
+    if expected is None:
+        return _parse_literal(raw)
+    if expected is str:
+        return raw
+    if expected is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise UserError(f"--config.{key}={raw}: expected true or false")
+    value = _parse_literal(raw)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (tuple, list):
+        if isinstance(value, (tuple, list)):
+            return expected(value)
+        if isinstance(value, str):  # a single bare string for a tuple of strings: `--config.eval_files=a.csv`
+            return expected(v for v in value.split(",") if v)
+        return expected([value])
+    if expected is int and isinstance(value, bool):
+        raise UserError(f"--config.{key}={raw}: expected an integer")
+    if not isinstance(value, expected):
+        raise UserError(f"--config.{key}={raw}: expected a value of type {expected.__name__}")
+    return value
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str) -> None:
+    node = config
+    parts = dotted_key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise UserError(f"unknown config key --config.{'.'.join(parts[: depth + 1])}")
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+        known = ", ".join(sorted(node.keys()))
+        raise UserError(f"unknown config key --config.{dotted_key} (known keys here: {known})")
+    field = node.get_ref(leaf) if hasattr(node, "get_ref") else None
+    field_type = getattr(field, "_field_type", None) if field is not None else None
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UserError(f"--config.{dotted_key} is a group; set one of its keys instead")
+    value = _coerce(dotted_key, raw, current, field_type)
+    with node.unlocked():
+        node[leaf] = value
+
+
+def load_config(argv: Sequence[str], *, default: str | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Parses ``--config`` and ``--config.*`` out of argv; returns the config and the remaining arguments."""
+    argv = list(argv)
+    spec = default
+    overrides: list[tuple[str, str]] = []
+    remaining: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                if i + 1 >= len(argv):
+                    raise UserError("--config needs a value: path/to/config.py[:variant]")
+                spec = argv[i + 1]
+                i += 2
+            else:
+                spec = arg.split("=", 1)[1]
+                i += 1
+            continue
+        if arg.startswith("--config."):
+            key_and_value = arg[len("--config."):]
+            if "=" in key_and_value:
+                key, raw = key_and_value.split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(argv):
+                    raise UserError(f"{arg} needs a value")
+                key, raw = key_and_value, argv[i + 1]
+                i += 2
+            overrides.append((key, raw))
+            continue
+        remaining.append(arg)
+        i += 1
+    if spec is None:
+        raise UserError("missing --config path/to/config.py[:variant]")
+    config = load_config_file(spec)
+    config.lock()  # unknown keys become errors
+    for key, raw in overrides:
+        apply_override(config, key, raw)
+    return config, remaining
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+if __name__ == "__main__":  # python -m ith_jax.config_cli --config ... : prints the resolved config
+    try:
+        cfg, _ = load_config(sys.argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(config_to_json(cfg))

@@ -1,0 +1,278 @@
+"""What the one trainer trains: a *task* bundles a model head, its data, its loss and its metrics.
+
+The trainer (``ith_jax/train.py``) only ever talks to this interface, so the span detector and, later, the
+audio-fused LM reuse the same loop, checkpointing, data parallelism and logging:
+
+- ``load(path)`` -> ``Split``: examples read from one AuditoryBench file and encoded for this head.
+- ``batches(split, ...)`` / ``num_batches(split, ...)``: static-shape numpy batches (bucketed lengths).
+- ``build_model()``: the Flax NNX model (pretrained weights or random init, per the config).
+- ``loss(model, batch, rng)`` -> ``(loss, aux)``: traced inside the jitted train step.
+- ``predict(model, batch)`` -> dict of arrays: traced inside the jitted eval step.
+- ``score(split, outputs)`` -> metrics: host-side, from the predictions of every batch of a split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ith_jax.data import auditorybench, batching, spans
+from ith_jax.errors import UserError
+from ith_jax.models import bert, convert
+
+logger = logging.getLogger("ith_jax")
+
+
+@dataclasses.dataclass
+class Split:
+    """One data file, loaded and encoded for a task."""
+
+    path: str
+    task: str  # "pitch" | "animal"
+    examples: list
+    encoded: list
+    report: Any = None
+    choices: list | None = None  # animal multiple choice: one encoded row per (example, option)
+
+
+def resolve_data_path(config: ml_collections.ConfigDict, path_template: str, task: str | None = None) -> str:
+    """``{task}/dev.csv`` relative to data_dir -> a concrete path (absolute paths and ./paths are kept)."""
+    path = path_template.format(task=task or config.task)
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    return str(Path(config.data_dir) / path)
+
+
+def _model_dtype(config) -> Any:
+    if config.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"dtype={config.dtype!r}: expected float32 or bfloat16")
+    return jnp.float32 if config.dtype == "float32" else jnp.bfloat16
+
+
+def build_model(config: ml_collections.ConfigDict, head: str, num_labels: int | None = None) -> nnx.Module:
+    """The pretrained checkpoint's model, or (random_init) a freshly initialised one of its (overridden) shape."""
+    dtype = _model_dtype(config)
+    if not config.random_init:
+        model, info = convert.load_pretrained(config.text_model, head, num_labels=num_labels, dtype=dtype,
+                                              seed=config.seed)
+        return model
+    ckpt_dir = convert.resolve_checkpoint_dir(config.text_model)
+    values = convert.config_from_checkpoint(ckpt_dir).to_dict()
+    values.update({k: v for k, v in config.model.to_dict().items() if v is not None})
+    model_config = bert.BertConfig.from_dict(values, source=f"{ckpt_dir} + config.model")
+    rngs = nnx.Rngs(params=config.seed)
+    logger.info("random init (config.random_init): %s", model_config)
+    if head == "mlm":
+        return bert.BertForMaskedLM(model_config, dtype=dtype, rngs=rngs)
+    return bert.BertForTokenClassification(model_config, num_labels, dtype=dtype, rngs=rngs)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+
+
+class MlmTask:
+    """Masked-LM on AuditoryBench: loss and predictions at the [MASK] positions only."""
+
+    head = "mlm"
+    main_metric = "accuracy"
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_masks = 1
+        # (lower, higher): their logits at the mask decide a pitch prediction. encode_mlm checks that each
+        # is one word piece of the vocabulary before any pitch row is used.
+        self.pitch_ids = np.asarray([tokenizer.token_to_id(w) or 0 for w in auditorybench.PITCH_LABELS], np.int32)
+
+    # -- data
+    def load(self, path: str, *, task: str | None = None, max_examples: int = 0) -> Split:
+        examples, report = auditorybench.load_examples(path, task, strict=self.config.strict_data)
+        logger.info("%s: %s", path, report.summary())
+        if max_examples:
+            examples = examples[:max_examples]
+        if not examples:
+            raise UserError(f"{path}: no usable rows")
+        split_task = examples[0].task
+        encoded, encode_report = auditorybench.encode_mlm(examples, self.tokenizer,
+                                                          max_length=self.config.max_length,
+                                                          strict=self.config.strict_data)
+        logger.info("%s: %s", path, encode_report.summary())
+        choices = None
+        if (split_task == "animal" and self.config.get("multiple_choice", False)
+                and any(e.options is not None for e in examples)):
+            choices, _ = auditorybench.encode_choices(examples, self.tokenizer, max_length=self.config.max_length)
+        split = Split(path=path, task=split_task, examples=examples, encoded=encoded, report=report,
+                      choices=choices)
+        for rows in (encoded, choices or []):
+            for row in rows:
+                self.max_masks = max(self.max_masks, len(row.mask_positions))
+        return split
+
+    def batches(self, rows: list, *, batch_size: int, shuffle: bool, epoch: int = 0,
+                start_batch: int = 0) -> Iterator[dict]:
+        return batching.iterate_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets),
+                                        max_masks=self.max_masks, shuffle=shuffle, seed=self.config.seed,
+                                        epoch=epoch, start_batch=start_batch)
+
+    def num_batches(self, rows: list, *, batch_size: int) -> int:
+        return batching.num_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets))
+
+    def train_rows(self, split: Split) -> list:
+        return split.encoded
+
+    def eval_row_sets(self, split: Split) -> dict[str, list]:
+        sets = {"main": split.encoded}
+        if split.choices:
+            sets["choices"] = split.choices
+        return sets
+
+    # -- model
+    def build_model(self) -> nnx.Module:
+        return build_model(self.config, "mlm")
+
+    def _logits(self, model, batch, *, deterministic: bool, rng=None) -> jax.Array:
+        rngs = None if deterministic else nnx.Rngs(dropout=rng)
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     positions=batch["mask_positions"], deterministic=deterministic, rngs=rngs)
+
+    def loss(self, model, batch, rng) -> tuple[jax.Array, dict]:
+        logits = self._logits(model, batch, deterministic=False, rng=rng)
+        nll = _cross_entropy(logits, batch["mask_label_ids"])
+        weights = batch["mask_weights"] * batch["example_weight"][:, None]
+        loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return loss, {}
+
+    def predict(self, model, batch) -> dict:
+        logits = self._logits(model, batch, deterministic=True).astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        label_log_prob = jnp.take_along_axis(log_probs, batch["mask_label_ids"][..., None], axis=-1)[..., 0]
+        return {
+            "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),  # [B, M]
+            "label_log_prob": label_log_prob,  # [B, M], for multiple choice
+            "pitch_logits": logits[:, 0, :][:, self.pitch_ids],  # [B, 2]: (lower, higher) at the first mask
+        }
+
+    # -- metrics
+    def score(self, split: Split, outputs: dict[str, dict[int, dict]]) -> dict:
+        """``outputs[set_name][row_index]`` holds that row's predictions (numpy)."""
+        main = outputs["main"]
+        correct = []
+        for index, row in enumerate(split.encoded):
+            out = main[index]
+            n = len(row.mask_positions)
+            if split.task == "pitch":
+                predicted = self.pitch_ids[int(np.argmax(out["pitch_logits"]))]
+                correct.append(int(predicted) == int(row.mask_label_ids[0]))
+            else:  # every word piece of the answer must be right
+                correct.append(bool(np.all(out["pred_ids"][:n] == np.asarray(row.mask_label_ids)[:n])))
+        metrics = {"accuracy": float(np.mean(correct)), "num_examples": len(correct)}
+        if "choices" in outputs:
+            metrics["multiple_choice_accuracy"] = self._choice_accuracy(split, outputs["choices"])
+        return metrics
+
+    def _choice_accuracy(self, split: Split, outputs: dict[int, dict]) -> float:
+        """Each option is scored by the summed log-probability of its word pieces at its own masks; the
+        best-scoring option is the prediction, right if it is the row's ``Answer`` letter."""
+        best: dict[tuple[str, int], tuple[float, int, Any]] = {}
+        for index, row in enumerate(split.choices):
+            n = len(row.mask_positions)
+            score = float(np.sum(outputs[index]["label_log_prob"][:n]))
+            key = (row.example.source, row.example.row)
+            if key not in best or score > best[key][0]:
+                best[key] = (score, row.choice, row.example)
+        right = [auditorybench.OPTION_LETTERS[choice] == example.option_answer
+                 for _, choice, example in best.values()]
+        return float(np.mean(right)) if right else float("nan")
+
+
+class SpanTask:
+    """The auditory-span detector: BIO tags over word pieces (see ith_jax/data/spans.py for the scheme)."""
+
+    head = "span"
+    main_metric = "token_f1"
+    num_labels = spans.NUM_TAGS
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def load(self, path: str, *, task: str | None = None, max_examples: int = 0) -> Split:
+        examples, report = auditorybench.load_examples(path, None if task == "both" else task,
+                                                       strict=self.config.strict_data)
+        logger.info("%s: %s", path, report.summary())
+        if max_examples:
+            examples = examples[:max_examples]
+        if not examples:
+            raise UserError(f"{path}: no usable rows")
+        encoded, span_report = spans.encode_spans(examples, self.tokenizer, max_length=self.config.max_length)
+        logger.info("%s: %s", path, span_report.summary())
+        return Split(path=path, task=examples[0].task, examples=examples, encoded=encoded, report=report)
+
+    def batches(self, rows: list, *, batch_size: int, shuffle: bool, epoch: int = 0,
+                start_batch: int = 0) -> Iterator[dict]:
+        return batching.iterate_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets),
+                                        max_masks=1, shuffle=shuffle, seed=self.config.seed, epoch=epoch,
+                                        start_batch=start_batch, with_token_labels=True)
+
+    def num_batches(self, rows: list, *, batch_size: int) -> int:
+        return batching.num_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets))
+
+    def train_rows(self, split: Split) -> list:
+        return split.encoded
+
+    def eval_row_sets(self, split: Split) -> dict[str, list]:
+        return {"main": split.encoded}
+
+    def build_model(self) -> nnx.Module:
+        return build_model(self.config, "token_classification", num_labels=self.num_labels)
+
+    def loss(self, model, batch, rng) -> tuple[jax.Array, dict]:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                       deterministic=False, rngs=nnx.Rngs(dropout=rng))
+        labels = batch["token_labels"]
+        valid = (labels >= 0) & (batch["example_weight"][:, None] > 0)
+        nll = _cross_entropy(logits, jnp.where(valid, labels, 0))
+        weights = valid.astype(jnp.float32)
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0), {}
+
+    def predict(self, model, batch) -> dict:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], deterministic=True)
+        return {"tag_probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1)}  # [B, L, 3]
+
+    def score(self, split: Split, outputs: dict[str, dict[int, dict]]) -> dict:
+        """Token-level P/R/F1 of the span class and span-level exact match on character offsets."""
+        predictions = outputs["main"]
+        pred_tags, gold_tags, pred_spans, gold_spans = [], [], [], []
+        for index, row in enumerate(split.encoded):
+            probs = predictions[index]["tag_probs"][: row.length]
+            pred_tags.append(np.argmax(probs, axis=-1))
+            gold_tags.append(row.token_labels)
+            pred_spans.append(spans.extract_spans(probs, row.offsets, row.sentence, row.special_mask))
+            gold = spans.extract_spans(np.eye(spans.NUM_TAGS)[np.maximum(row.token_labels, 0)], row.offsets,
+                                       row.sentence, row.special_mask)
+            gold_spans.append(gold)
+        token = spans.token_prf(np.concatenate(pred_tags), np.concatenate(gold_tags))
+        exact = spans.span_prf(pred_spans, gold_spans)
+        return {"token_precision": token["precision"], "token_recall": token["recall"], "token_f1": token["f1"],
+                "span_precision": exact["precision"], "span_recall": exact["recall"], "span_f1": exact["f1"],
+                "num_examples": len(split.encoded)}
+
+
+def make_task(config: ml_collections.ConfigDict, tokenizer):
+    if config.head == "mlm":
+        return MlmTask(config, tokenizer)
+    if config.head == "span":
+        return SpanTask(config, tokenizer)
+    raise UserError(f"head={config.head!r}: expected 'mlm' or 'span'")
