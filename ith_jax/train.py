@@ -48,7 +48,8 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+                        force=True)  # libraries imported earlier may have installed handlers of their own
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
