@@ -185,7 +185,7 @@ def committed_lines(cache):
 @pytest.mark.skipif(not BUILD_CACHE.exists(), reason="audio_gen/build_cache.py does not exist yet")
 def test_build_cache_survives_repeated_sigkill(tmp_path, build_env):
     spans = tmp_path / "spans.txt"
-    span_texts = [f"sound number {i} of a thing" for i in range(36)] + ["../../etc/passwd", "🐕 woof"]
+    span_texts = [f"sound number {i} of a thing" for i in range(150)] + ["../../etc/passwd", "🐕 woof"]
     spans.write_text("\n".join(span_texts) + "\n", encoding="utf-8")
     cache = tmp_path / "cache"
     rng = np.random.default_rng(SEED + 2)
@@ -196,14 +196,18 @@ def test_build_cache_survives_repeated_sigkill(tmp_path, build_env):
         before = committed_lines(cache)
         process = subprocess.Popen(build_command(spans, cache), cwd=REPO, env=build_env, stdout=log, stderr=log)
         commits_to_wait = int(rng.integers(0, 5))
-        if commits_to_wait == 0:  # during start-up, model loading or the first batch
-            time.sleep(rng.uniform(0.5, 6.0))
+        if commits_to_wait == 0:  # during start-up, model loading or the first batch: a random moment,
+            # cut short by the first new commit so the kill stays inside that phase however fast the run is
+            kill_at = time.monotonic() + rng.uniform(0.5, 6.0)
+            while (process.poll() is None and committed_lines(cache) == before
+                   and time.monotonic() < kill_at):
+                time.sleep(0.02)
         else:
             deadline = time.monotonic() + 120
             while process.poll() is None and committed_lines(cache) < before + commits_to_wait:
                 assert time.monotonic() < deadline, "build_cache made no progress in 120 s"
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.1))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait()

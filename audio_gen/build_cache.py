@@ -1,0 +1,412 @@
+r"""Generate, score, select-ready and encode imagined audio for every span into the embedding cache.
+
+    python -m audio_gen.build_cache --config configs/gen.py --config.spans=gold.jsonl \
+        --config.cache_dir=workdirs/audio_cache [--num_shards N --shard_index I]
+
+Pipeline (ITH's, batched; the settings live in configs/gen.py):
+
+1. Read the span manifests (and/or ``.txt`` span lists), build the prompt of each span
+   (``prompt_template``, ITH: "{span} sound") and deduplicate identical prompts across all files.
+2. Keep the prompts this shard owns (`CacheWriter.owns`) and drop the ones already in the cache (a rerun
+   or a resumed run redoes nothing).
+3. For ``batch_size`` prompts at a time: generate K candidates each (per-prompt seeds), score every
+   candidate against its span text with CLAP, encode every candidate into T audio tokens, and add one cache
+   entry per prompt (K token sets, K scores; the selection rule and threshold are chosen at training time).
+4. Print a summary (prompts, generated, reused, acceptance rate per threshold) and write it as JSON, plus a
+   PNG histogram of the CLAP scores, into the cache directory (both atomically; one pair per shard).
+
+``--num_shards``/``--shard_index``/``--spans``/``--cache_dir`` are shorthands for the ``--config.*`` keys.
+Errors about the input print ``error: <message>`` and exit with status 2; nothing half-written is left (every
+cache entry is committed atomically by audio_gen.cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from audio_gen.errors import AudioGenError
+
+SUMMARY_NAME = "build_summary"
+HISTOGRAM_NAME = "clap_scores"
+
+
+@dataclasses.dataclass
+class PromptItem:
+    """One distinct prompt and the span text it was built from."""
+    prompt: str
+    span_text: str
+    occurrences: int = 1
+    first_seen: str = ""  # "file:line" of its first span, for messages
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+def normalise_span_text(text: str) -> str:
+    # Manifests keep the sentence's own spacing; "a  dog" and "a dog" are the same sound to imagine.
+    return " ".join(text.split())
+
+
+def make_prompt(template: str, span_text: str) -> str:
+    return template.replace("{span}", span_text)
+
+
+def _check_template(template: str) -> None:
+    if not isinstance(template, str) or template.count("{span}") != 1:
+        raise AudioGenError(f"config key 'prompt_template': expected text with exactly one {{span}}, got {template!r}")
+
+
+def read_span_list(path: pathlib.Path) -> list[tuple[str, str]]:
+    """A ``.txt`` span list: one span text per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise AudioGenError(f"{path}: line {line}: not valid UTF-8 text") from None
+    spans = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            spans.append((stripped, f"{path}:{number}"))
+    return spans
+
+
+def read_spans(path_text: str) -> list[tuple[str, str]]:
+    """(span text, where) for every span of a manifest (.jsonl) or span list (.txt)."""
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise AudioGenError(f"config key 'spans': {path_text} does not exist (expected a span manifest .jsonl "
+                            "or a span list .txt)")
+    if path.suffix == ".txt":
+        return read_span_list(path)
+    from audio_gen.manifest import iter_spans, read_manifest
+
+    records = read_manifest(path)
+    return [(text, f"{path}:{record_id}#{index}") for record_id, index, text in iter_spans(records)]
+
+
+def collect_prompts(paths: Sequence[str], template: str, max_prompts: int = 0) -> tuple[list[PromptItem], int]:
+    """Distinct prompts in first-seen order across all files, and the total number of spans read."""
+    _check_template(template)
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise AudioGenError("config key 'spans': give one or more span manifests (.jsonl) or span lists (.txt), "
+                            "e.g. --config.spans=gold_dev.jsonl,gold_test.jsonl")
+    by_prompt: dict[str, PromptItem] = {}
+    total = 0
+    for path in paths:
+        for raw_text, where in read_spans(path):
+            span_text = normalise_span_text(raw_text)
+            if not span_text:
+                continue
+            total += 1
+            prompt = make_prompt(template, span_text)
+            item = by_prompt.get(prompt)
+            if item is None:
+                by_prompt[prompt] = PromptItem(prompt, span_text, 1, where)
+            else:
+                item.occurrences += 1
+    items = list(by_prompt.values())
+    if max_prompts and max_prompts > 0:
+        items = items[:max_prompts]
+    return items, total
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+def encoder_model_for(config) -> str | None:
+    """The checkpoint of the configured encoder ("" = its default; "tiny:" = its tiny counterpart)."""
+    from audio_gen.encoders import DEFAULT_ENCODER_MODELS
+
+    name, model = config.encoder, config.encoder_model
+    if name == "logmel":
+        return None
+    if model == "tiny:":
+        if name == "clap":
+            return config.clap_model if config.clap_model.startswith("tiny:") else "tiny:clap_fused"
+        return "tiny:ast"
+    if not model:
+        return config.clap_model if name == "clap" else DEFAULT_ENCODER_MODELS[name]
+    return model
+
+
+def build_components(config):
+    from audio_gen.clap import ClapScorer
+    from audio_gen.encoders import build_encoder
+    from audio_gen.generators import build_generator
+
+    generator = build_generator(config)
+    scorer = ClapScorer(config.clap_model, device=config.device, dtype=config.clap_dtype,
+                        batch_size=config.clap_batch_size)
+    encoder_dtype = config.clap_dtype if config.encoder == "clap" else config.encoder_dtype
+    encoder = build_encoder(config.encoder, encoder_model_for(config), config.num_tokens, device=config.device,
+                            dtype=encoder_dtype, batch_size=config.encoder_batch_size)
+    return generator, scorer, encoder
+
+
+def fingerprint_for(config, generator, scorer, encoder) -> dict:
+    """What every entry of one cache shares; opening a cache with a different one is refused (by key name)."""
+    return {
+        "generator": generator.settings(),
+        "num_candidates": int(config.num_candidates),
+        "prompt_template": config.prompt_template,
+        "seed": int(config.seed),
+        "clap": scorer.settings(),
+        "encoder": encoder.settings(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
+    """Writes through ``write(tmp_path)`` then renames into place: readers never see a partial file."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; these are reports meant to be read
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def write_histogram(path: pathlib.Path, scores: np.ndarray, thresholds: Sequence[float], rates: dict,
+                    title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if scores.size:
+        # Fixed-width bins over at least [-0.2, 1] so that bars and threshold lines compare across runs.
+        edges = np.linspace(min(-0.2, float(scores.min())), max(1.0, float(scores.max())), 61)
+        axes.hist(scores, bins=edges, color="#4C72B0", alpha=0.85)
+    for threshold in thresholds:
+        rate = rates.get(float(threshold), float("nan"))
+        axes.axvline(threshold, color="#C44E52", linestyle="--", linewidth=1)
+        axes.text(threshold, axes.get_ylim()[1] * 0.95, f" {rate:.0%}", color="#C44E52", fontsize=8, va="top")
+    axes.set_xlabel("CLAP score of every candidate (cosine); dashed: thresholds, % of prompts accepted")
+    axes.set_ylabel("candidates")
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+
+
+def _shard_suffix(config) -> str:
+    return "" if config.num_shards == 1 else f"-shard-{config.shard_index:05d}-of-{config.num_shards:05d}"
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"spans read: {summary['spans']}  distinct prompts: {summary['prompts']}"
+        + (f"  (this shard: {summary['prompts_in_shard']})" if summary["num_shards"] > 1 else ""),
+        f"generated: {summary['generated']}  reused from the cache: {summary['reused']}  "
+        f"clips: {summary['generated'] * summary['num_candidates']}",
+        "acceptance rate (some candidate >= threshold): "
+        + "  ".join(f"{float(t):.1f}: {r:.1%}" if r == r else f"{float(t):.1f}: n/a"
+                    for t, r in summary["acceptance"].items()),
+        f"time: {summary['seconds']['total']:.1f} s in all"
+        + (f" ({summary['seconds_per_generated_prompt']:.2f} s per generated prompt)"
+           if summary["generated"] else ""),
+        f"summary: {summary['files']['summary']}  histogram: {summary['files']['histogram']}",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main loop
+
+def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Callable[[str], None] | None = None,
+                quiet: bool = False) -> dict:
+    """Runs the whole pipeline for `config` (a configs/gen.py ConfigDict) and returns the summary dict.
+
+    Already-built components can be passed in (benchmarks build full-size random models in memory); the
+    command line loads them from the config.
+    """
+    from tqdm.auto import tqdm
+
+    from audio_gen.cache import CacheEntry, CacheReader, CacheWriter, entry_key
+    from audio_gen.generators import prompt_seed
+    from audio_gen.selection import acceptance_rates
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    if int(config.num_candidates) < 1:
+        raise AudioGenError(f"config key 'num_candidates': expected an integer >= 1, got {config.num_candidates}")
+    if int(config.batch_size) < 1:
+        raise AudioGenError(f"config key 'batch_size': expected an integer >= 1, got {config.batch_size}")
+    if not 0 <= int(config.shard_index) < int(config.num_shards):
+        raise AudioGenError(f"config keys 'num_shards'/'shard_index': expected 0 <= shard_index < num_shards, "
+                            f"got shard_index={config.shard_index}, num_shards={config.num_shards}")
+    items, total_spans = collect_prompts(list(config.spans), config.prompt_template, int(config.max_prompts))
+    if not config.cache_dir:
+        raise AudioGenError("config key 'cache_dir': expected a directory for the cache")
+    cache_dir = pathlib.Path(config.cache_dir)
+    num_candidates = int(config.num_candidates)
+
+    if generator is None or scorer is None or encoder is None:
+        if quiet:  # only now: importing diffusers/transformers takes seconds, input errors should not wait
+            quiet_libraries()
+        loaded = build_components(config)
+        generator, scorer, encoder = (generator or loaded[0], scorer or loaded[1], encoder or loaded[2])
+    fingerprint = fingerprint_for(config, generator, scorer, encoder)
+    key_generator = {**fingerprint["generator"], "num_candidates": num_candidates}
+    key_encoder = fingerprint["encoder"]
+    seeds = {item.prompt: prompt_seed(item.prompt, int(config.seed)) for item in items}
+    keys = {item.prompt: entry_key(item.prompt, key_generator, seeds[item.prompt], key_encoder) for item in items}
+
+    seconds = {"generate": 0.0, "score": 0.0, "encode": 0.0, "write": 0.0}
+    # One durable commit (two fsyncs) per batch of prompts rather than per prompt; a kill loses at most the
+    # batch in flight, which a rerun regenerates.
+    with CacheWriter(cache_dir, fingerprint=fingerprint, num_shards=int(config.num_shards),
+                     shard_index=int(config.shard_index), store_waveforms=bool(config.store_waveforms),
+                     commit_every=int(config.batch_size)) as writer:
+        owned = [item for item in items if writer.owns(keys[item.prompt])]
+        todo = [item for item in owned if not writer.has(keys[item.prompt])]
+        log(f"{len(items)} distinct prompts from {total_spans} spans; this shard: {len(owned)}, "
+            f"to generate: {len(todo)}, already cached: {len(owned) - len(todo)}")
+        batch_size = int(config.batch_size)
+        loop_started = time.perf_counter()
+        with tqdm(total=len(todo), unit="prompt", desc="imagining audio", disable=not config.progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                prompts = [item.prompt for item in batch]
+                tick = time.perf_counter()
+                clips_per_prompt = generator.generate(prompts, [seeds[p] for p in prompts], num_candidates)
+                waveforms = [clip for clips in clips_per_prompt for clip in clips]
+                tock = time.perf_counter()
+                seconds["generate"] += tock - tick
+                texts = [item.span_text for item in batch for _ in range(num_candidates)]
+                scores = scorer.score(texts, waveforms, generator.sample_rate)
+                tick = time.perf_counter()
+                seconds["score"] += tick - tock
+                tokens, masks = encoder.encode(waveforms, generator.sample_rate)
+                tock = time.perf_counter()
+                seconds["encode"] += tock - tick
+                for index, item in enumerate(batch):
+                    rows = slice(index * num_candidates, (index + 1) * num_candidates)
+                    mask = masks[rows]
+                    writer.add(CacheEntry(
+                        key=keys[item.prompt], prompt=item.prompt, tokens=tokens[rows],
+                        token_mask=None if mask.all() else mask, clap_scores=scores[rows],
+                        metadata={"span_text": item.span_text, "seed": seeds[item.prompt],
+                                  "occurrences": item.occurrences, "first_seen": item.first_seen},
+                        waveforms=clips_per_prompt[index] if config.store_waveforms else None,
+                        sample_rate=int(generator.sample_rate) if config.store_waveforms else None))
+                writer.flush()
+                seconds["write"] += time.perf_counter() - tock
+                bar.update(len(batch))
+        seconds["loop"] = time.perf_counter() - loop_started
+
+        # Still inside the writer: its shard lock keeps a concurrent run of this shard from writing the same
+        # report files.
+        with CacheReader(cache_dir) as reader:
+            owned_scores = [reader.clap_scores(keys[item.prompt]) for item in owned]
+        thresholds = [float(t) for t in config.thresholds]
+        rates = acceptance_rates(owned_scores, thresholds)
+        all_scores = np.concatenate(owned_scores) if owned_scores else np.zeros((0,), np.float32)
+        seconds["total"] = time.perf_counter() - started
+        suffix = _shard_suffix(config)
+        summary_path = cache_dir / f"{SUMMARY_NAME}{suffix}.json"
+        histogram_path = cache_dir / f"{HISTOGRAM_NAME}{suffix}.png"
+        summary = {
+            "spans": total_spans, "prompts": len(items), "prompts_in_shard": len(owned),
+            "num_shards": int(config.num_shards), "shard_index": int(config.shard_index),
+            "generated": len(todo), "reused": len(owned) - len(todo), "num_candidates": num_candidates,
+            "acceptance": {str(t): rates[t] for t in thresholds},
+            "clap_score": ({"mean": float(all_scores.mean()), "min": float(all_scores.min()),
+                            "max": float(all_scores.max())} if all_scores.size else None),
+            "seconds": seconds,
+            # Generation + scoring + encoding + cache writes, without model loading: what benchmarks compare.
+            "seconds_per_generated_prompt": (seconds["loop"] / len(todo)) if todo else None,
+            "files": {"summary": str(summary_path), "histogram": str(histogram_path)},
+            "fingerprint": fingerprint,
+        }
+        write_histogram(histogram_path, all_scores, thresholds, rates,
+                        f"CLAP scores: {len(owned)} prompts x {num_candidates} candidates"
+                        + (f" (shard {config.shard_index + 1}/{config.num_shards})" if config.num_shards > 1 else ""))
+        _atomic_write(summary_path, lambda tmp: pathlib.Path(tmp).write_text(
+            json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def quiet_libraries() -> None:
+    """Model-loading chatter (weight-loading bars, deprecation notes) would drown the one progress bar."""
+    import warnings
+
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")
+
+
+def parse_args(argv: Sequence[str]):
+    from ith_jax.config_cli import apply_override, load_config
+
+    try:
+        config, rest = load_config(argv)
+    except ValueError as error:  # a config file's get_config rejecting its variant (e.g. configs/gen.py:tyni)
+        raise AudioGenError(f"config: {error}") from None
+    shorthand = argparse.ArgumentParser(prog="python -m audio_gen.build_cache", add_help=False)
+    for key in ("num_shards", "shard_index", "spans", "cache_dir"):
+        shorthand.add_argument(f"--{key}")
+    known, unknown = shorthand.parse_known_args(rest)
+    if unknown:
+        raise AudioGenError(f"unknown arguments: {' '.join(unknown)} (settings are --config.KEY=VALUE)")
+    for key, value in vars(known).items():
+        if value is not None:
+            apply_override(config, key, value)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ith_jax.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    try:
+        config = parse_args(argv)
+        summary = build_cache(config, quiet=True)
+    except (AudioGenError, UserError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished entries are in the cache, a rerun resumes", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
