@@ -160,12 +160,12 @@ def index_audio_folder(folder: str | os.PathLike, scorer, embeddings_path: str |
                 members = [i for i, (_, r) in enumerate(loaded) if r == rate]
                 vectors = scorer.embed_audio([loaded[i][0] for i in members], rate)
                 for i, vector in zip(members, vectors):
-                    computed[chunk[i]] = np.asarray(vector, dtype=np.float32)
+                    vector = np.asarray(vector, dtype=np.float32)
+                    # Normalised once, when computed: stored rows are reused as they are, so a reload is exact.
+                    computed[chunk[i]] = vector / np.maximum(np.linalg.norm(vector), 1e-12)
             bar.update(len(chunk))
         bar.close()
     embeddings = np.stack([computed[f] if f in computed else stored[f] for f in files])
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    embeddings = embeddings / np.maximum(norms, 1e-12)
     library = AudioLibrary(folder, files, embeddings.astype(np.float32), clap_model)
     if missing or len(stored) != len(files):
         _write_embeddings_file(embeddings_path, library)
