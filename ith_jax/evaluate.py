@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -79,7 +80,6 @@ def evaluate_files(workdir: Path, data_files: list[str], *, task_name: str | Non
     mesh = mesh_lib.make_data_mesh()
     mesh_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     params = mesh_lib.replicate(params, mesh)
-    import jax
     predict_step = jax.jit(train_lib.make_predict_step(graphdef, rest, task.predict),
                            out_shardings=mesh_lib.batch_sharded(mesh))
     results = {s.path: train_lib.evaluate_split(task, s, params, predict_step, mesh, config.eval_batch_size)
