@@ -242,7 +242,7 @@ def _busy_cpu_seconds() -> float | None:
             fields = stat.readline().split()[1:]
     except OSError:
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -276,7 +276,7 @@ def spawn(worker: str, args, timeout_s: float) -> dict:
     idle_before = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
     started, machine_before, ours_before = time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds()
     try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     wall = time.perf_counter() - started

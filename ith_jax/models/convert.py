@@ -275,7 +275,7 @@ def map_hf_names(weights: Mapping[str, np.ndarray], encoder_prefix: tuple) -> tu
             continue
         name = _normalise_name(original_name)
         target = None
-        if name.startswith("cls.predictions.") or name.startswith("classifier."):
+        if name.startswith(("cls.predictions.", "classifier.")):
             if name in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
                 target = (("decoder_bias",), False)
             elif name == "cls.predictions.decoder.weight":
