@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from audio_gen.manifest import atomic_write_bytes
 from ith_jax import checkpoint as checkpoint_lib
 from ith_jax import mesh as mesh_lib
 from ith_jax import tasks as tasks_lib
@@ -99,12 +99,8 @@ def _json_value(value: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # The stdlib-only writer both halves share (temp file, fsync, rename, directory fsync).
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------
