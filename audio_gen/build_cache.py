@@ -12,32 +12,40 @@ Pipeline (ITH's, batched; the settings live in configs/gen.py):
 3. For ``batch_size`` prompts at a time: generate K candidates each (per-prompt seeds), score every
    candidate against its span text with CLAP, encode every candidate into T audio tokens, and add one cache
    entry per prompt (K token sets, K scores; the selection rule and threshold are chosen at training time).
+   With ``clap_scoring = False`` (the ORACLE variant, ``configs/gen.py:oracle``) CLAP is neither loaded nor
+   run: every score is stored as NaN ("not scored"), the fingerprint's ``clap`` is ``{"skipped": true}``, and
+   the reports say to train with ``audio.selection=first``.
 4. Print a summary (prompts, generated, reused, acceptance rate per threshold) and write it as JSON, plus a
    PNG histogram of the CLAP scores, into the cache directory (both atomically; one pair per shard).
 
 ``--num_shards``/``--shard_index``/``--spans``/``--cache_dir`` are shorthands for the ``--config.*`` keys.
-Errors about the input print ``error: <message>`` and exit with status 2; nothing half-written is left (every
-cache entry is committed atomically by audio_gen.cache).
+Errors about the input (including a ``cache_dir`` that cannot be written, checked before any model is loaded)
+print ``error: <message>`` and exit with status 2; a failing disk (full, read-only) prints one ``error: <path>:
+<reason>`` line and exits with status 1.  Nothing half-written is left: every cache entry is committed
+atomically by the cache, the entries committed before a failure stay, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from audio_gen.errors import AudioGenError
+from ith_common.atomic import atomic_write_text, atomic_write_with, check_output_dir
+from ith_common.errors import UserError, run_main
+from ith_common.prompts import build_prompt, check_template, normalise_span_text
 
 SUMMARY_NAME = "build_summary"
 HISTOGRAM_NAME = "clap_scores"
+UNSCORED_ADVICE = "train with audio.selection=first"
+PITCH_TABLE_COMMAND = "python -m audio_gen.pitch_table --data pitch/train.csv pitch/dev.csv --out oracle_pitch.json"
 
 
 @dataclasses.dataclass
@@ -51,27 +59,13 @@ class PromptItem:
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-def normalise_span_text(text: str) -> str:
-    # Manifests keep the sentence's own spacing; "a  dog" and "a dog" are the same sound to imagine.
-    return " ".join(text.split())
-
-
-def make_prompt(template: str, span_text: str) -> str:
-    return template.replace("{span}", span_text)
-
-
-def _check_template(template: str) -> None:
-    if not isinstance(template, str) or template.count("{span}") != 1:
-        raise AudioGenError(f"config key 'prompt_template': expected text with exactly one {{span}}, got {template!r}")
-
-
 def read_span_list(path: pathlib.Path) -> list[tuple[str, str]]:
     """A ``.txt`` span list: one span text per line; blank lines and ``#`` comments are skipped."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         line = path.read_bytes()[:error.start].count(b"\n") + 1
-        raise AudioGenError(f"{path}: line {line}: not valid UTF-8 text") from None
+        raise UserError(f"{path}: line {line}: not valid UTF-8 text") from None
     spans = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -84,11 +78,11 @@ def read_spans(path_text: str) -> list[tuple[str, str]]:
     """(span text, where) for every span of a manifest (.jsonl) or span list (.txt)."""
     path = pathlib.Path(path_text)
     if not path.is_file():
-        raise AudioGenError(f"config key 'spans': {path_text} does not exist (expected a span manifest .jsonl "
-                            "or a span list .txt)")
+        raise UserError(f"config key 'spans': {path_text} does not exist (expected a span manifest .jsonl "
+                        "or a span list .txt)")
     if path.suffix == ".txt":
         return read_span_list(path)
-    from audio_gen.manifest import iter_spans, read_manifest
+    from ith_common.manifest import iter_spans, read_manifest
 
     records = read_manifest(path)
     return [(text, f"{path}:{record_id}#{index}") for record_id, index, text in iter_spans(records)]
@@ -96,12 +90,12 @@ def read_spans(path_text: str) -> list[tuple[str, str]]:
 
 def collect_prompts(paths: Sequence[str], template: str, max_prompts: int = 0) -> tuple[list[PromptItem], int]:
     """Distinct prompts in first-seen order across all files, and the total number of spans read."""
-    _check_template(template)
+    check_template(template)
     if isinstance(paths, str):
         paths = [paths]
     if not paths:
-        raise AudioGenError("config key 'spans': give one or more span manifests (.jsonl) or span lists (.txt), "
-                            "e.g. --config.spans=gold_dev.jsonl,gold_test.jsonl")
+        raise UserError("config key 'spans': give one or more span manifests (.jsonl) or span lists (.txt), "
+                        "e.g. --config.spans=gold_dev.jsonl,gold_test.jsonl")
     by_prompt: dict[str, PromptItem] = {}
     total = 0
     for path in paths:
@@ -110,7 +104,7 @@ def collect_prompts(paths: Sequence[str], template: str, max_prompts: int = 0) -
             if not span_text:
                 continue
             total += 1
-            prompt = make_prompt(template, span_text)
+            prompt = build_prompt(span_text, template)
             item = by_prompt.get(prompt)
             if item is None:
                 by_prompt[prompt] = PromptItem(prompt, span_text, 1, where)
@@ -140,14 +134,52 @@ def encoder_model_for(config) -> str | None:
     return model
 
 
+def check_oracle_config(config) -> None:
+    """The oracle variant's requirements, checked before anything is loaded or written."""
+    if not config.oracle:
+        return
+    if config.generator != "tone":
+        raise UserError(f"config key 'generator': the oracle variant renders tones, expected 'tone', "
+                        f"got {config.generator!r}")
+    if not config.tone_frequencies:
+        raise UserError("configs/gen.py:oracle needs --config.tone_frequencies=TABLE.json, the ORACLE pitch table "
+                        f"written by `{PITCH_TABLE_COMMAND}`")
+
+
+def scoring_skipped_message(config) -> str:
+    reason = "oracle path" if config.oracle else "clap_scoring=False"
+    return f"CLAP scoring skipped ({reason}): {UNSCORED_ADVICE}"
+
+
+def oracle_coverage(config, generator, items: Sequence[PromptItem], log: Callable[[str], None]) -> dict:
+    """How many prompts the ORACLE pitch table covers; the rest get hashed, uninformative pitches.  None covered
+    means a table for other prompts (another prompt_template, another task): an error, before anything is written."""
+    missing = [item for item in items if generator.table_frequency(item.prompt) is None]
+    if items and len(missing) == len(items):
+        raise UserError(f"config key 'tone_frequencies': {config.tone_frequencies}: none of the {len(items)} prompts "
+                        f"is in the ORACLE pitch table (e.g. {missing[0].prompt!r}, first seen at "
+                        f"{missing[0].first_seen}); build the table from the same task with prompt_template "
+                        f"{config.prompt_template!r}: {PITCH_TABLE_COMMAND}")
+    if missing:
+        log(f"ORACLE: {len(missing)} of {len(items)} prompts are not in the pitch table and get hashed pitches "
+            f"(e.g. {missing[0].prompt!r})")
+    return {"note": "ORACLE: tone pitches fitted to the labelled answers; a ceiling, not a result",
+            "tone_frequencies": str(config.tone_frequencies), "prompts_in_table": len(items) - len(missing),
+            "prompts_not_in_table": len(missing)}
+
+
 def build_components(config):
-    from audio_gen.clap import ClapScorer
+    """(generator, scorer, encoder) from the config; the scorer is None when CLAP scoring is off."""
     from audio_gen.encoders import build_encoder
     from audio_gen.generators import build_generator
 
     generator = build_generator(config)
-    scorer = ClapScorer(config.clap_model, device=config.device, dtype=config.clap_dtype,
-                        batch_size=config.clap_batch_size)
+    scorer = None
+    if config.clap_scoring:
+        from audio_gen.clap import ClapScorer
+
+        scorer = ClapScorer(config.clap_model, device=config.device, dtype=config.clap_dtype,
+                            batch_size=config.clap_batch_size)
     encoder_dtype = config.clap_dtype if config.encoder == "clap" else config.encoder_dtype
     encoder = build_encoder(config.encoder, encoder_model_for(config), config.num_tokens, device=config.device,
                             dtype=encoder_dtype, batch_size=config.encoder_batch_size)
@@ -161,36 +193,41 @@ def fingerprint_for(config, generator, scorer, encoder) -> dict:
         "num_candidates": int(config.num_candidates),
         "prompt_template": config.prompt_template,
         "seed": int(config.seed),
-        "clap": scorer.settings(),
+        # Unscored caches never mix with scored ones (and say so): the fingerprint records the skip.
+        "clap": scorer.settings() if scorer is not None else {"skipped": True},
         "encoder": encoder.settings(),
     }
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    """Writes through ``write(tmp_path)`` then renames into place: readers never see a partial file."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
+def _remove_stale_temporaries(path: pathlib.Path) -> None:
+    """Temporary files of `path` that a run killed mid-write left behind (the shard lock guarantees that no live
+    writer of this report exists)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; these are reports meant to be read
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def write_histogram(path: pathlib.Path, scores: np.ndarray, thresholds: Sequence[float], rates: dict,
-                    title: str) -> None:
+                    title: str, *, skipped: str | None = None) -> None:
+    """The PNG histogram of every CLAP score; with `skipped` (no scores) a figure that says so instead.  The
+    title (and `skipped`) also go into the PNG's Description text chunk, for tools that read no pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if skipped:
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, skipped.replace(": ", ":\n"), ha="center", va="center", fontsize=12,
+                  transform=axes.transAxes)
+        axes.set_title(title, fontsize=10)
+        _remove_stale_temporaries(path)
+        atomic_write_with(path, lambda tmp: figure.savefig(tmp, format="png",
+                                                           metadata={"Description": f"{title}. {skipped}"}))
+        plt.close(figure)
+        return
     if scores.size:
         # Fixed-width bins over at least [-0.2, 1] so that bars and threshold lines compare across runs.
         edges = np.linspace(min(-0.2, float(scores.min())), max(1.0, float(scores.max())), 61)
@@ -203,7 +240,8 @@ def write_histogram(path: pathlib.Path, scores: np.ndarray, thresholds: Sequence
     axes.set_ylabel("candidates")
     axes.set_title(title, fontsize=10)
     figure.tight_layout()
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    _remove_stale_temporaries(path)
+    atomic_write_with(path, lambda tmp: figure.savefig(tmp, format="png", metadata={"Description": title}))
     plt.close(figure)
 
 
@@ -217,6 +255,7 @@ def format_summary(summary: dict) -> str:
         + (f"  (this shard: {summary['prompts_in_shard']})" if summary["num_shards"] > 1 else ""),
         f"generated: {summary['generated']}  reused from the cache: {summary['reused']}  "
         f"clips: {summary['generated'] * summary['num_candidates']}",
+        summary["clap_scoring"] if summary["acceptance"] is None else
         "acceptance rate (some candidate >= threshold): "
         + "  ".join(f"{float(t):.1f}: {r:.1%}" if r == r else f"{float(t):.1f}: n/a"
                     for t, r in summary["acceptance"].items()),
@@ -225,6 +264,10 @@ def format_summary(summary: dict) -> str:
            if summary["generated"] else ""),
         f"summary: {summary['files']['summary']}  histogram: {summary['files']['histogram']}",
     ]
+    if summary.get("oracle"):
+        oracle = summary["oracle"]
+        lines.insert(0, f"{oracle['note']} ({oracle['tone_frequencies']}: {oracle['prompts_in_table']} prompts in the "
+                        f"table, {oracle['prompts_not_in_table']} with hashed pitches)")
     return "\n".join(lines)
 
 
@@ -239,30 +282,36 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
     """
     from tqdm.auto import tqdm
 
-    from audio_gen.cache import CacheEntry, CacheReader, CacheWriter, entry_key
+    from ith_common.cache import CacheEntry, CacheReader, CacheWriter, entry_key
     from audio_gen.generators import prompt_seed
-    from audio_gen.selection import acceptance_rates
+    from ith_common.selection import acceptance_rates
 
     log = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
     if int(config.num_candidates) < 1:
-        raise AudioGenError(f"config key 'num_candidates': expected an integer >= 1, got {config.num_candidates}")
+        raise UserError(f"config key 'num_candidates': expected an integer >= 1, got {config.num_candidates}")
     if int(config.batch_size) < 1:
-        raise AudioGenError(f"config key 'batch_size': expected an integer >= 1, got {config.batch_size}")
+        raise UserError(f"config key 'batch_size': expected an integer >= 1, got {config.batch_size}")
     if not 0 <= int(config.shard_index) < int(config.num_shards):
-        raise AudioGenError(f"config keys 'num_shards'/'shard_index': expected 0 <= shard_index < num_shards, "
-                            f"got shard_index={config.shard_index}, num_shards={config.num_shards}")
+        raise UserError(f"config keys 'num_shards'/'shard_index': expected 0 <= shard_index < num_shards, "
+                        f"got shard_index={config.shard_index}, num_shards={config.num_shards}")
+    check_oracle_config(config)
     items, total_spans = collect_prompts(list(config.spans), config.prompt_template, int(config.max_prompts))
     if not config.cache_dir:
-        raise AudioGenError("config key 'cache_dir': expected a directory for the cache")
-    cache_dir = pathlib.Path(config.cache_dir)
+        raise UserError("config key 'cache_dir': expected a directory for the cache")
+    # Before any model is loaded: a cache_dir that cannot be written should not cost minutes of loading first.
+    cache_dir = check_output_dir(config.cache_dir, what="config key 'cache_dir':")
     num_candidates = int(config.num_candidates)
+    scoring = bool(config.clap_scoring)
 
-    if generator is None or scorer is None or encoder is None:
+    if generator is None or encoder is None or (scoring and scorer is None):
         if quiet:  # only now: importing diffusers/transformers takes seconds, input errors should not wait
             quiet_libraries()
         loaded = build_components(config)
         generator, scorer, encoder = (generator or loaded[0], scorer or loaded[1], encoder or loaded[2])
+    if not scoring:
+        scorer = None
+    oracle = oracle_coverage(config, generator, items, log) if config.oracle else None
     fingerprint = fingerprint_for(config, generator, scorer, encoder)
     key_generator = {**fingerprint["generator"], "num_candidates": num_candidates}
     key_encoder = fingerprint["encoder"]
@@ -288,11 +337,16 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
                 prompts = [item.prompt for item in batch]
                 tick = time.perf_counter()
                 clips_per_prompt = generator.generate(prompts, [seeds[p] for p in prompts], num_candidates)
+                # Generators that repair non-finite samples say how many, per candidate (see generators/__init__).
+                nan_samples = getattr(generator, "last_nan_samples", None)
                 waveforms = [clip for clips in clips_per_prompt for clip in clips]
                 tock = time.perf_counter()
                 seconds["generate"] += tock - tick
                 texts = [item.span_text for item in batch for _ in range(num_candidates)]
-                scores = scorer.score(texts, waveforms, generator.sample_rate)
+                if scorer is None:  # NaN = "not scored"; only the selection rule `first` uses such entries
+                    scores = np.full(len(waveforms), np.nan, dtype=np.float32)
+                else:
+                    scores = scorer.score(texts, waveforms, generator.sample_rate)
                 tick = time.perf_counter()
                 seconds["score"] += tick - tock
                 tokens, masks = encoder.encode(waveforms, generator.sample_rate)
@@ -301,11 +355,13 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
                 for index, item in enumerate(batch):
                     rows = slice(index * num_candidates, (index + 1) * num_candidates)
                     mask = masks[rows]
+                    metadata = {"span_text": item.span_text, "seed": seeds[item.prompt],
+                                "occurrences": item.occurrences, "first_seen": item.first_seen}
+                    if nan_samples is not None:
+                        metadata["nan_samples"] = [int(count) for count in nan_samples[index]]
                     writer.add(CacheEntry(
                         key=keys[item.prompt], prompt=item.prompt, tokens=tokens[rows],
-                        token_mask=None if mask.all() else mask, clap_scores=scores[rows],
-                        metadata={"span_text": item.span_text, "seed": seeds[item.prompt],
-                                  "occurrences": item.occurrences, "first_seen": item.first_seen},
+                        token_mask=None if mask.all() else mask, clap_scores=scores[rows], metadata=metadata,
                         waveforms=clips_per_prompt[index] if config.store_waveforms else None,
                         sample_rate=int(generator.sample_rate) if config.store_waveforms else None))
                 writer.flush()
@@ -320,6 +376,7 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
         thresholds = [float(t) for t in config.thresholds]
         rates = acceptance_rates(owned_scores, thresholds)
         all_scores = np.concatenate(owned_scores) if owned_scores else np.zeros((0,), np.float32)
+        skipped = None if scoring else scoring_skipped_message(config)
         seconds["total"] = time.perf_counter() - started
         suffix = _shard_suffix(config)
         summary_path = cache_dir / f"{SUMMARY_NAME}{suffix}.json"
@@ -328,9 +385,12 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
             "spans": total_spans, "prompts": len(items), "prompts_in_shard": len(owned),
             "num_shards": int(config.num_shards), "shard_index": int(config.shard_index),
             "generated": len(todo), "reused": len(owned) - len(todo), "num_candidates": num_candidates,
-            "acceptance": {str(t): rates[t] for t in thresholds},
+            "clap_scoring": skipped or "done",
+            # Without scores every threshold rejects everything: no rates to report, only the advice.
+            "acceptance": None if skipped else {str(t): rates[t] for t in thresholds},
             "clap_score": ({"mean": float(all_scores.mean()), "min": float(all_scores.min()),
-                            "max": float(all_scores.max())} if all_scores.size else None),
+                            "max": float(all_scores.max())} if all_scores.size and not skipped else None),
+            "oracle": oracle,
             "seconds": seconds,
             # Generation + scoring + encoding + cache writes, without model loading: what benchmarks compare.
             "seconds_per_generated_prompt": (seconds["loop"] / len(todo)) if todo else None,
@@ -339,9 +399,10 @@ def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Calla
         }
         write_histogram(histogram_path, all_scores, thresholds, rates,
                         f"CLAP scores: {len(owned)} prompts x {num_candidates} candidates"
-                        + (f" (shard {config.shard_index + 1}/{config.num_shards})" if config.num_shards > 1 else ""))
-        _atomic_write(summary_path, lambda tmp: pathlib.Path(tmp).write_text(
-            json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+                        + (f" (shard {config.shard_index + 1}/{config.num_shards})" if config.num_shards > 1 else ""),
+                        skipped=skipped)
+        _remove_stale_temporaries(summary_path)
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
@@ -370,37 +431,45 @@ def quiet_libraries() -> None:
 
 
 def parse_args(argv: Sequence[str]):
-    from ith_jax.config_cli import apply_override, load_config
+    from ith_common.config import apply_override, load_config
 
     try:
         config, rest = load_config(argv)
     except ValueError as error:  # a config file's get_config rejecting its variant (e.g. configs/gen.py:tyni)
-        raise AudioGenError(f"config: {error}") from None
+        raise UserError(f"config: {error}") from None
     shorthand = argparse.ArgumentParser(prog="python -m audio_gen.build_cache", add_help=False)
     for key in ("num_shards", "shard_index", "spans", "cache_dir"):
         shorthand.add_argument(f"--{key}")
     known, unknown = shorthand.parse_known_args(rest)
     if unknown:
-        raise AudioGenError(f"unknown arguments: {' '.join(unknown)} (settings are --config.KEY=VALUE)")
+        raise UserError(f"unknown arguments: {' '.join(unknown)} (settings are --config.KEY=VALUE)")
     for key, value in vars(known).items():
         if value is not None:
             apply_override(config, key, value)
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ith_jax.errors import UserError
+@contextlib.contextmanager
+def _os_errors_name(path: str):
+    """A write through a file descriptor that fails (disk full, file too large) raises an OSError without a file
+    name; the run writes nowhere but the cache, so it is attributed to the cache directory."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
     try:
         config = parse_args(argv)
-        summary = build_cache(config, quiet=True)
-    except (AudioGenError, UserError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        with _os_errors_name(config.cache_dir):
+            summary = build_cache(config, quiet=True)
     except KeyboardInterrupt:
         print("interrupted; finished entries are in the cache, a rerun resumes", file=sys.stderr)
         return 130
@@ -409,4 +478,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

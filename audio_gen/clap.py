@@ -29,9 +29,13 @@ import functools
 from typing import Any, Sequence
 
 import numpy as np
+import soxr
+import torch
+from transformers import ClapModel, ClapProcessor
 
-from audio_gen.errors import AudioGenError
+from audio_gen.features import clap_features, clap_supported
 from audio_gen.pretrained import checkpoint_identity, load_component, resolve_source, torch_device_and_dtype
+from ith_common.errors import UserError
 
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-fused"
 # numpy seed for the extractor's random crops of over-long clips (see module doc).
@@ -45,17 +49,12 @@ def resample(waveform: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
         raise ValueError(f"expected a mono waveform [samples], got shape {waveform.shape}")
     if int(from_rate) == int(to_rate):
         return waveform
-    import soxr
-
     return soxr.resample(waveform, int(from_rate), int(to_rate), quality="HQ").astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=4)
 def load_clap(source: str, device: str, dtype_name: str):
     """(model, processor, resolved source) for a CLAP checkpoint; cached per process."""
-    import torch
-    from transformers import ClapModel, ClapProcessor
-
     dtype = getattr(torch, dtype_name)
     resolved = resolve_source(source, "CLAP model")
 
@@ -82,10 +81,8 @@ class _ClapBase:
         return instance
 
     def _setup(self, model, processor, identity: dict, batch_size: int) -> None:
-        import torch
-
         if batch_size < 1:
-            raise AudioGenError(f"CLAP batch size: expected an integer >= 1, got {batch_size}")
+            raise UserError(f"CLAP batch size: expected an integer >= 1, got {batch_size}")
         self.model, self.processor, self.identity = model, processor, identity
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -94,21 +91,18 @@ class _ClapBase:
         self.sample_rate = int(extractor.sampling_rate)
         self.window_samples = int(extractor.nb_max_samples)
         self.fused = bool(self.model.config.audio_config.enable_fusion)
-        self._torch = torch
 
     def _audio_inputs(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> dict:
-        from audio_gen.features import clap_features, clap_supported
-
         clips = [resample(w, sample_rate, self.sample_rate) for w in waveforms]
         for index, clip in enumerate(clips):
             if clip.size == 0:
-                raise AudioGenError(f"CLAP: waveform {index} is empty")
+                raise UserError(f"CLAP: waveform {index} is empty")
         extractor = self.processor.feature_extractor
         if clap_supported(extractor, clips):
             # Clips within the window (all of build_cache's): the batched torch version of the extractor, on the
             # model's device; none of them is longer, so none takes the fusion branch.
             features = clap_features(extractor, clips, self.device)
-            is_longer = self._torch.zeros((len(clips), 1), dtype=self._torch.bool)
+            is_longer = torch.zeros((len(clips), 1), dtype=torch.bool)
         else:
             state = np.random.get_state()
             try:
@@ -121,7 +115,7 @@ class _ClapBase:
             # (a training-time habit copied from LAION's HTSAT), which sends that clip through the fusion
             # branch: its embedding would then depend on chance and on its batch companions.  Only clips that
             # really are longer take the fusion branch here.
-            really_longer = self._torch.tensor([[len(clip) > self.window_samples] for clip in clips])
+            really_longer = torch.tensor([[len(clip) > self.window_samples] for clip in clips])
             is_longer = extracted["is_longer"].bool() & really_longer
         inputs = {"input_features": features.to(self.device, self.dtype)}
         if self.fused:
@@ -146,7 +140,6 @@ class ClapScorer(_ClapBase):
         return output if hasattr(output, "norm") else output.pooler_output
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.model.config.projection_dim), np.float32)
@@ -161,7 +154,6 @@ class ClapScorer(_ClapBase):
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def embed_audio(self, waveforms: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
-        torch = self._torch
         waveforms = list(waveforms)
         if not waveforms:
             return np.zeros((0, self.model.config.projection_dim), np.float32)

@@ -14,7 +14,8 @@ Encoders (shapes per clip, see docs/audio_tokens.md):
   steps the clip covers (16 of 32 for 5 s; the extractor repeats shorter clips to fill the window, which we
   do not want twice), and pool to T.  D = 768.
 - ``logmel``: no weights; 64-bin log-mel frames (25 ms window, 10 ms hop at 16 kHz) pooled to T.  D = 64.
-  For experiments, tests and the offline demo.
+  For experiments (the oracle-audio one), tests and the offline demo.  Vectorised: one batched STFT and mel
+  matmul per batch of equal-length clips (`LogMelEncoder.tokens_of_equal_length`).
 
 Pooling: the valid frames are split into T contiguous, near-equal segments and each is averaged (adaptive
 average pooling), so token t always summarises the t-th slice of the clip, whatever its length.  A clip with
@@ -27,10 +28,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from transformers import ASTFeatureExtractor, ASTModel
+from transformers.audio_utils import mel_filter_bank
 
 from audio_gen.clap import _ClapBase, resample
-from audio_gen.errors import AudioGenError
+from audio_gen.features import ast_features
 from audio_gen.pretrained import checkpoint_identity, load_component, resolve_source, torch_device_and_dtype
+from ith_common.errors import UserError
 
 ENCODER_NAMES = ("ast", "clap", "logmel")
 DEFAULT_ENCODER_MODELS = {"ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "clap": "laion/clap-htsat-fused",
@@ -39,8 +44,6 @@ DEFAULT_ENCODER_MODELS = {"ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "cla
 
 def pool_frames(frames, valid_frames: int, num_tokens: int):
     """Adaptive-average-pools the first `valid_frames` rows of ``frames [L, D]`` (torch) into ``[T, D]``."""
-    import torch
-
     valid_frames = max(1, min(int(valid_frames), frames.shape[0]))
     valid = frames[:valid_frames].float()
     mask = torch.ones(num_tokens, dtype=torch.bool)
@@ -54,11 +57,9 @@ def pool_frames(frames, valid_frames: int, num_tokens: int):
 
 
 def _stack_outputs(token_list, mask_list) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
     tokens = torch.stack(token_list).float().cpu().numpy()
     if not np.isfinite(tokens).all() or np.abs(tokens).max(initial=0.0) > 65504.0:
-        raise AudioGenError("audio encoder produced values that do not fit float16 (non-finite or > 65504)")
+        raise UserError("audio encoder produced values that do not fit float16 (non-finite or > 65504)")
     return tokens.astype(np.float16), torch.stack(mask_list).cpu().numpy().astype(bool)
 
 
@@ -67,9 +68,9 @@ class _Encoder:
 
     def __init__(self, num_tokens: int, batch_size: int):
         if int(num_tokens) < 1:
-            raise AudioGenError(f"config key 'num_tokens': expected an integer >= 1, got {num_tokens}")
+            raise UserError(f"config key 'num_tokens': expected an integer >= 1, got {num_tokens}")
         if int(batch_size) < 1:
-            raise AudioGenError(f"config key 'encoder_batch_size': expected an integer >= 1, got {batch_size}")
+            raise UserError(f"config key 'encoder_batch_size': expected an integer >= 1, got {batch_size}")
         self.num_tokens = int(num_tokens)
         self.batch_size = int(batch_size)
 
@@ -85,8 +86,8 @@ class _Encoder:
         for index, waveform in enumerate(waveforms):
             waveform = np.asarray(waveform, dtype=np.float32)
             if waveform.ndim != 1 or waveform.size == 0:
-                raise AudioGenError(f"audio encoder {self.name}: waveform {index}: expected a non-empty mono "
-                                    f"array [samples], got shape {waveform.shape}")
+                raise UserError(f"audio encoder {self.name}: waveform {index}: expected a non-empty mono "
+                                f"array [samples], got shape {waveform.shape}")
             clips.append(resample(waveform, sample_rate, self.sample_rate))
         token_list, mask_list = [], []
         for start in range(0, len(clips), self.batch_size):
@@ -100,8 +101,6 @@ class AstEncoder(_Encoder):
     name = "ast"
 
     def __init__(self, model_path_or_id: str, num_tokens: int, device: Any, dtype: Any, batch_size: int = 16):
-        from transformers import ASTFeatureExtractor, ASTModel
-
         torch_device, torch_dtype = torch_device_and_dtype(str(device), dtype, what="AST encoder")
         resolved = resolve_source(model_path_or_id, "config key 'encoder_model'")
 
@@ -119,8 +118,6 @@ class AstEncoder(_Encoder):
         return instance
 
     def _setup(self, extractor, model, identity: dict, num_tokens: int, batch_size: int) -> None:
-        import torch
-
         _Encoder.__init__(self, num_tokens, batch_size)
         self.extractor, self.model, self.identity = extractor, model.eval(), identity
         parameter = next(model.parameters())
@@ -132,7 +129,6 @@ class AstEncoder(_Encoder):
         self.frequency_patches = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
         self.time_patches = (config.max_length - config.patch_size) // config.time_stride + 1
         self.time_stride = int(config.time_stride)
-        self._torch = torch
 
     def settings(self) -> dict[str, Any]:
         return {**self._base_settings(), "model": self.identity, "dtype": str(self.dtype).replace("torch.", "")}
@@ -143,9 +139,6 @@ class AstEncoder(_Encoder):
         return max(1, min(self.time_patches, -(-frames // self.time_stride)))
 
     def _encode_batch(self, clips):
-        torch = self._torch
-        from audio_gen.features import ast_features
-
         # The extractor's fbank features, computed batched on the model's device (the stock extractor loops
         # over frames in numpy, ~45 ms per 5 s clip).
         input_values = ast_features(self.extractor, clips, self.device)
@@ -174,8 +167,6 @@ class ClapAudioEncoder(_Encoder):
         return instance
 
     def _setup(self, clap: _ClapBase, num_tokens: int, batch_size: int) -> None:
-        import torch
-
         _Encoder.__init__(self, num_tokens, batch_size)
         self.clap = clap
         self.identity = clap.identity
@@ -184,14 +175,12 @@ class ClapAudioEncoder(_Encoder):
         self.window_samples = clap.window_samples
         self.dim = int(clap.model.config.audio_config.hidden_size)
         self.fused = clap.fused
-        self._torch = torch
 
     def settings(self) -> dict[str, Any]:
         return {**self._base_settings(), "model": self.identity, "fused": self.fused,
                 "dtype": str(self.dtype).replace("torch.", "")}
 
     def _encode_batch(self, clips):
-        torch = self._torch
         inputs = self.clap._audio_inputs(clips, self.sample_rate)
         with torch.inference_mode():
             hidden = self.clap.model.audio_model(**inputs).last_hidden_state  # [N, D, frequency groups, time]
@@ -210,9 +199,6 @@ class LogMelEncoder(_Encoder):
     name = "logmel"
 
     def __init__(self, num_tokens: int, *, num_mels: int = 64, sample_rate: int = 16000, batch_size: int = 16):
-        import torch
-        from transformers.audio_utils import mel_filter_bank
-
         super().__init__(num_tokens, batch_size)
         self.sample_rate = int(sample_rate)
         self.dim = int(num_mels)
@@ -222,27 +208,45 @@ class LogMelEncoder(_Encoder):
                                   sampling_rate=self.sample_rate, norm="slaney", mel_scale="slaney")
         self.filters = torch.from_numpy(np.asarray(filters, dtype=np.float32))  # [freq, mels]
         self.window = torch.hann_window(self.window_length)
-        self._torch = torch
 
     def settings(self) -> dict[str, Any]:
         return {**self._base_settings(), "window": self.window_length, "hop": self.hop_length,
                 "log": "ln(mel_power + 1e-6)"}
 
     def _encode_batch(self, clips):
-        torch = self._torch
-        token_list, mask_list = [], []
-        for clip in clips:
-            signal = torch.from_numpy(clip)
-            if signal.numel() < self.window_length:
-                signal = torch.nn.functional.pad(signal, (0, self.window_length - signal.numel()))
-            spectrum = torch.stft(signal, n_fft=self.window_length, hop_length=self.hop_length,
-                                  window=self.window, center=False, return_complex=True)
-            power = spectrum.abs().pow(2).T  # [frames, freq]
-            frames = torch.log(power @ self.filters + 1e-6)
-            tokens, mask = pool_frames(frames, frames.shape[0], self.num_tokens)
-            token_list.append(tokens)
-            mask_list.append(mask)
+        # One batched STFT, one mel matmul and one pooling call per group of equal-length clips (a batch of
+        # generated clips is one group): per clip, the same arithmetic as framing each clip on its own.
+        token_list, mask_list = [None] * len(clips), [None] * len(clips)
+        by_length: dict[int, list[int]] = {}
+        for index, clip in enumerate(clips):
+            by_length.setdefault(max(len(clip), self.window_length), []).append(index)
+        with torch.inference_mode():
+            for length, indices in by_length.items():
+                # Stacked in numpy: row-wise copies into a torch tensor took ~10 ms per 5 s clip here.
+                signals = np.zeros((len(indices), length), dtype=np.float32)
+                for row, index in enumerate(indices):  # clips shorter than one window are zero-padded to it
+                    signals[row, :len(clips[index])] = clips[index]
+                tokens, masks = self.tokens_of_equal_length(torch.from_numpy(signals))
+                for row, index in enumerate(indices):
+                    token_list[index], mask_list[index] = tokens[row], masks[row]
         return token_list, mask_list
+
+    def tokens_of_equal_length(self, signals):
+        """``signals [B, N]`` (float32, N >= window) -> tokens ``[B, T, mels]`` and mask ``[B, T]``."""
+        spectrum = torch.stft(signals, n_fft=self.window_length, hop_length=self.hop_length, window=self.window,
+                              center=False, return_complex=True)  # [B, freq, frames]
+        # |X|^2 as re^2 + im^2: abs().pow(2) takes a square root first and was slower than the STFT itself.
+        power = (spectrum.real.square() + spectrum.imag.square()).transpose(1, 2)  # [B, frames, freq]
+        frames = torch.log(power @ self.filters + 1e-6)  # [B, frames, mels]
+        batch, num_frames, _ = frames.shape
+        mask = torch.ones((batch, self.num_tokens), dtype=torch.bool)
+        if num_frames >= self.num_tokens:  # adaptive average pooling over time, as `pool_frames`
+            tokens = torch.nn.functional.adaptive_avg_pool1d(frames.transpose(1, 2), self.num_tokens).transpose(1, 2)
+        else:  # fewer frames than tokens: the frames as they are, the rest padding
+            tokens = torch.zeros((batch, self.num_tokens, self.dim), dtype=torch.float32)
+            tokens[:, :num_frames] = frames
+            mask[:, num_frames:] = False
+        return tokens, mask
 
 
 def build_encoder(name: str, model_path_or_id: str | None, num_tokens: int, device: Any = "cpu", dtype: Any = "auto",
@@ -250,7 +254,7 @@ def build_encoder(name: str, model_path_or_id: str | None, num_tokens: int, devi
     """An encoder by name (``ast`` | ``clap`` | ``logmel``); ``model_path_or_id`` None or "" means the default
     checkpoint; it is ignored by ``logmel``."""
     if name not in ENCODER_NAMES:
-        raise AudioGenError(f"config key 'encoder': expected one of {', '.join(ENCODER_NAMES)}, got {name!r}")
+        raise UserError(f"config key 'encoder': expected one of {', '.join(ENCODER_NAMES)}, got {name!r}")
     model = model_path_or_id or DEFAULT_ENCODER_MODELS[name]
     if name == "ast":
         return AstEncoder(model, num_tokens, device, dtype, batch_size)

@@ -17,14 +17,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
+from transformers.audio_utils import mel_filter_bank, window_function
 
 
 def _frames_power(signal, window, frame_length: int, hop_length: int, fft_length: int, *, center: bool,
                   preemphasis: float | None = None, remove_dc_offset: bool = False):
     """|rfft|^2 of the frames of ``signal [B, N]`` (float64): ``[B, frames, fft_length // 2 + 1]``, as
     transformers.audio_utils.spectrogram computes it."""
-    import torch
-
     if center:
         signal = torch.nn.functional.pad(signal.unsqueeze(1), (frame_length // 2, frame_length // 2),
                                          mode="reflect").squeeze(1)
@@ -43,12 +43,9 @@ def clap_supported(extractor, clips: Sequence[np.ndarray]) -> bool:
         0 < len(clip) <= extractor.nb_max_samples for clip in clips)
 
 
-def clap_features(extractor, clips: Sequence[np.ndarray], device) -> "torch.Tensor":
+def clap_features(extractor, clips: Sequence[np.ndarray], device) -> torch.Tensor:
     """`ClapFeatureExtractor(clips)["input_features"]` for clips within the window: float32
     ``[B, 4 (fusion) or 1, frames, mel bins]`` on `device`."""
-    import torch
-    from transformers.audio_utils import window_function
-
     max_length = int(extractor.nb_max_samples)
     padded = np.zeros((len(clips), max_length), dtype=np.float64)
     for row, clip in enumerate(clips):
@@ -70,11 +67,8 @@ def clap_features(extractor, clips: Sequence[np.ndarray], device) -> "torch.Tens
     return log_mel.unsqueeze(1).expand(-1, 4, -1, -1).contiguous() if fusion else log_mel.unsqueeze(1)
 
 
-def ast_features(extractor, clips: Sequence[np.ndarray], device) -> "torch.Tensor":
+def ast_features(extractor, clips: Sequence[np.ndarray], device) -> torch.Tensor:
     """`ASTFeatureExtractor(clips)["input_values"]` (its numpy fbank path): float32 [B, max_length, mel bins]."""
-    import torch
-    from transformers.audio_utils import mel_filter_bank, window_function
-
     frame_length, hop_length, fft_length = 400, 160, 512
     filters = getattr(extractor, "mel_filters", None)
     if filters is None:  # the extractor built torchaudio's kaldi path instead; the same filters as its numpy one

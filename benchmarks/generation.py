@@ -33,6 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from ith_common.atomic import atomic_write_text, check_output_file  # noqa: E402
+from ith_common.errors import UserError, run_main  # noqa: E402
+from ith_common.prompts import build_prompt  # noqa: E402
+
 # Architecture values of the real checkpoints (see /work/shared/model_configs and docs/audio_tokens.md).
 STABLE_AUDIO_TRANSFORMER = dict(sample_size=1024, in_channels=64, num_layers=24, attention_head_dim=64,
                                 num_attention_heads=24, num_key_value_attention_heads=12, out_channels=64,
@@ -159,7 +163,7 @@ def ours(pipeline, items, scorer, encoder, args, latent_mode: str, workdir: path
     generator = StableAudioGenerator(pipeline, identity={"id": "random-weights"}, num_inference_steps=args.steps,
                                      negative_prompt=args.negative_prompt, audio_seconds=args.seconds,
                                      latent_mode=latent_mode, decode_batch_size=args.vae_decode_batch_size,
-                                     compile_transformer=compile_transformer)
+                                     compile_transformer=compile_transformer, warn_on_nan=False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     summary = build_cache(config, generator=generator, scorer=scorer, encoder=encoder, log=lambda message: None)
@@ -176,7 +180,7 @@ def ours(pipeline, items, scorer, encoder, args, latent_mode: str, workdir: path
 
 
 def _load_gen_config(tiny: bool):
-    from ith_jax.config_cli import load_config_file
+    from ith_common.config import load_config_file
 
     repo = pathlib.Path(__file__).resolve().parents[1]
     return load_config_file(f"{repo / 'configs' / 'gen.py'}:{'tiny' if tiny else 'paper'}")
@@ -208,6 +212,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.out:
+        check_output_file(args.out, what="--out")  # before minutes of model building
     import torch
     import diffusers
     import transformers
@@ -222,8 +228,7 @@ def main(argv=None) -> int:
     # torchsde's remarks about the scheduler's final sigma, once per call of the stock pipeline.
     warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available (use --tiny for a CPU check)", file=sys.stderr)
-        return 2
+        raise UserError("--device cuda but CUDA is not available (use --tiny for a CPU check)")
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     started = time.perf_counter()
     if args.tiny:
@@ -234,10 +239,10 @@ def main(argv=None) -> int:
     scorer = ClapScorer.from_loaded(clap, clap_processor, identity={"id": "random-weights"})
     encoder = AstEncoder.from_loaded(ast_extractor, ast, identity={"id": "random-weights"}, num_tokens=16)
     build_seconds = time.perf_counter() - started
-    items = [(f"{span} sound", span) for span in SPANS[:args.prompts]]
+    items = [(build_prompt(span), span) for span in SPANS[:args.prompts]]
     # Warm-up prompts are other spans, as many as one batch, so that every timed batch shape was seen before
     # (kernel selection, allocator; with --compile, compilation).
-    warmup = [(f"{span} sound", span) for span in SPANS[-args.batch_size:]]
+    warmup = [(build_prompt(span), span) for span in SPANS[-args.batch_size:]]
 
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
                or platform.machine(),
@@ -282,9 +287,9 @@ def main(argv=None) -> int:
             achieved = baseline / results[key]["end_to_end_s_per_prompt"]
             print(f"goal {key}: >= {goal}x, got {achieved:.2f}x: {'met' if achieved >= goal else 'NOT met'}")
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

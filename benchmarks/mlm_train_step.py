@@ -9,7 +9,7 @@ Both sides train the same random-init model with the same step: batch 32 x 48 to
 The MLM head runs only at those positions on both sides: ith-jax passes ``positions`` to
 ``BertForMaskedLM``; the torch side runs ``model.bert``, gathers the masked rows with the same index tensor
 and applies ``model.cls`` to them (Hugging Face's own forward would project all 48 x 32 tokens onto the
-vocabulary). The jax step is ``ith_jax.train.make_train_step`` (the trainer's jitted step).
+vocabulary). The jax step is ``ith_jax.trainer.make_train_step`` (the trainer's jitted step).
 
 Every measurement runs in its own subprocess so that torch's OpenMP threads and XLA's thread pool never
 compete. Throughput is examples/s, the median over timed runs after warm-up. Model FLOP/s counts
@@ -109,7 +109,7 @@ def worker_jax(size: str, args) -> dict:
     import optax
     from flax import nnx
 
-    from ith_jax import train
+    from ith_jax import trainer as train
     from ith_jax.models.bert import BertConfig, BertForMaskedLM
 
     config = BertConfig(**SIZES[size], **COMMON)

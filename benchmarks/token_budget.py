@@ -122,7 +122,7 @@ def measure_retention(clips_per_kind: int, seed: int = 0) -> dict:
 
 
 def measure_cache_bytes(num_entries: int = 40, dim: int = 768, candidates: int = 5) -> dict:
-    from audio_gen.cache import CacheEntry, CacheWriter, entry_key
+    from ith_common.cache import CacheEntry, CacheWriter, entry_key
 
     sizes = {}
     rng = np.random.default_rng(0)

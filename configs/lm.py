@@ -19,10 +19,11 @@ PAPER_LEARNING_RATE = {"pitch": 4e-5, "animal": 3e-4}
 
 
 def get_config(arg=None):
-    size, task = common.parse_variant(arg, sizes=("base", "minilm", "tiny"), tasks=("pitch", "animal"))
+    variant = common.parse_variants(arg, {"size": common.SIZES, "task": ("pitch", "animal")}, config="configs/lm.py")
+    size = variant["size"] or "base"
     c = common.base_trainer_config()
     c.head = "mlm"
-    c.task = task or "pitch"
+    c.task = variant["task"] or "pitch"
     c.learning_rate = PAPER_LEARNING_RATE[c.task]
     c.multiple_choice = True  # animal files with options A-D also get a multiple-choice accuracy
     # Fusion (roadmap step 4) adds its keys here; the text-only path ignores them.

@@ -12,7 +12,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    size, _ = common.parse_variant(arg, sizes=("base", "minilm", "tiny"), tasks=())
+    size = common.parse_variants(arg, {"size": common.SIZES}, config="configs/span.py")["size"] or "base"
     c = common.base_trainer_config()
     c.head = "span"
     c.task = "both"

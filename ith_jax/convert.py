@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError, run_main
 
 CHECK_SENTENCES = (
     "The dog barked loudly at the mailman.",
@@ -30,7 +30,7 @@ CHECK_SENTENCES = (
 
 
 def _encode(ckpt_dir: Path, max_positions: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    from ith_jax.data.auditorybench import load_tokenizer
+    from ith_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ckpt_dir)
     encodings = tokenizer.encode_batch(list(CHECK_SENTENCES))
@@ -135,14 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: compare MLM logits too when the checkpoint has an MLM head",
     )
     args = parser.parse_args(argv)
-    try:
-        if not args.tolerance > 0:
-            raise UserError(f"--tolerance {args.tolerance}: expected a positive number")
-        return check(args.check, tolerance=args.tolerance, head=args.head)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not args.tolerance > 0:
+        raise UserError(f"--tolerance {args.tolerance}: expected a positive number")
+    return check(args.check, tolerance=args.tolerance, head=args.head)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

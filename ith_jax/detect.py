@@ -3,7 +3,7 @@
     python -m ith_jax.detect --workdir DIR --data FILE [--data FILE ...] --out spans.jsonl [--step N]
     python -m ith_jax.detect --gold --data FILE [--data FILE ...] --out gold_spans.jsonl
 
-One JSON record per sentence (schema: docs/manifest.md, validated by ``audio_gen.manifest``, the module both
+One JSON record per sentence (schema: docs/manifest.md, validated by ``ith_common.manifest``, the module both
 halves share): a stable id, the sentence, the detected spans with character offsets taken from the
 tokenizer's offsets and a confidence, and the gold spans where the file has them. ``--gold`` writes the
 same manifest from the gold spans without a model, for oracle-span experiments and for running the sidecar
@@ -13,14 +13,20 @@ before a detector is trained.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from audio_gen import manifest as manifest_lib
+from ith_common import manifest as manifest_lib
 from ith_jax.data import auditorybench, batching, spans
-from ith_jax.errors import UserError
+from ith_jax.data.records import EncodedExample
+from ith_jax.data.tokenizer import tokenizer_info
+from ith_common.atomic import check_output_file
+from ith_common.errors import UserError, run_main
+
+logger = logging.getLogger("ith_jax")
 
 
 def gold_spans_of(example: auditorybench.Example) -> list[dict]:
@@ -48,10 +54,10 @@ def make_record(example: auditorybench.Example, detected: list[dict], detector: 
     }
 
 
-def encode_for_detection(examples, tokenizer, max_length: int) -> list[auditorybench.EncodedExample]:
+def encode_for_detection(examples, tokenizer, max_length: int) -> list[EncodedExample]:
     """Tokenised sentences without labels. Over-long ones are cut to max_length (spans past the cut cannot
     be detected; AuditoryBench sentences are far shorter than 128 pieces)."""
-    info = auditorybench.tokenizer_info(tokenizer)
+    info = tokenizer_info(tokenizer)
     empty = np.zeros((0,), np.int32)
     rows = []
     for example, encoding in zip(examples, tokenizer.encode_batch([e.sentence for e in examples])):
@@ -62,7 +68,7 @@ def encode_for_detection(examples, tokenizer, max_length: int) -> list[auditoryb
             ids = np.concatenate([ids[: max_length - 1], [info.sep_id]]).astype(np.int32)
             offsets = np.concatenate([offsets[: max_length - 1], [[0, 0]]]).astype(np.int32)
             special = np.concatenate([special[: max_length - 1], [1]]).astype(np.int32)
-        rows.append(auditorybench.EncodedExample(
+        rows.append(EncodedExample(
             input_ids=ids, offsets=offsets, special_mask=special, mask_positions=empty, mask_label_ids=empty,
             span_token_ranges=np.zeros((0, 2), np.int32), span_index=empty, sentence=example.sentence,
             example=example))
@@ -74,30 +80,30 @@ def detect(workdir: Path, data_files: list[str], *, step: int | None = None, bat
     import jax
     from tqdm import tqdm
 
-    from ith_jax import evaluate as evaluate_lib
     from ith_jax import mesh as mesh_lib
     from ith_jax import tasks as tasks_lib
-    from ith_jax import train as train_lib
+    from ith_jax import trainer as trainer_lib
 
-    config = evaluate_lib.load_workdir_config(workdir)
+    config = trainer_lib.load_workdir_config(workdir)
     if config.head != "span":
         raise UserError(f"{workdir} holds a {config.head!r} model; detect needs a span detector "
                         "(trained with configs/span.py)")
-    tokenizer = auditorybench.load_tokenizer(config.text_model)
+    tokenizer = trainer_lib.load_workdir_tokenizer(workdir, config)
     task = tasks_lib.make_task(config, tokenizer)
-    graphdef, rest, params, step = evaluate_lib.restore_params(workdir, task, config, step)
     mesh = mesh_lib.make_data_mesh()
-    batch_size = batch_size or config.eval_batch_size
+    batch_size = config.eval_batch_size if batch_size is None else batch_size
     mesh_lib.check_batch_size(batch_size, mesh, "--batch_size")
-    params = mesh_lib.replicate(params, mesh)
-    predict_step = jax.jit(train_lib.make_predict_step(graphdef, rest, task.predict),
+    model = trainer_lib.restore_for_inference(workdir, config, mesh, step=step)
+    params = model.params
+    predict_step = jax.jit(trainer_lib.make_predict_step(model.graphdef, model.rest, task.predict),
                            out_shardings=mesh_lib.batch_sharded(mesh))
-    detector = f"{workdir.resolve()}@{step}"
+    detector = f"{workdir.resolve()}@{model.step}"
     max_length = max(config.buckets)
 
     records = []
+    cleaning = spans.SpanCleaningStats()  # whole-word decoding and dropped function-word spans, counted
     for path in data_files:
-        examples, _ = auditorybench.load_examples(path, None, strict=False)
+        examples = load_logged(path)
         rows = encode_for_detection(examples, tokenizer, max_length)
         detected: dict[int, list[dict]] = {}
         buckets = tuple(config.buckets)
@@ -109,17 +115,25 @@ def detect(workdir: Path, data_files: list[str], *, step: int | None = None, bat
             for position, index in enumerate(indices):
                 if index >= 0:
                     row = rows[index]
-                    detected[int(index)] = spans.extract_spans(probs[position][: row.length], row.offsets,
-                                                               row.sentence, row.special_mask)
+                    detected[int(index)] = spans.decode_spans(
+                        probs[position][: row.length], row.offsets, row.sentence, row.special_mask,
+                        stats=cleaning, gold_count=len(gold_spans_of(row.example)))
         records.extend(make_record(row.example, detected[i], detector) for i, row in enumerate(rows))
+    logger.info("span cleaning: %s", cleaning.summary())
     return records, detector
+
+
+def load_logged(path: str) -> list[auditorybench.Example]:
+    """The file's usable rows; the dropped ones (e.g. no [MASK]) are counted in the log, as training does."""
+    examples, report = auditorybench.load_examples(path, None, strict=False)
+    logger.info("%s: %s", path, report.summary())
+    return examples
 
 
 def gold_manifest(data_files: list[str]) -> list[dict]:
     records = []
     for path in data_files:
-        examples, _ = auditorybench.load_examples(path, None, strict=False)
-        for example in examples:
+        for example in load_logged(path):
             records.append(make_record(example, gold_spans_of(example), "gold"))
     return records
 
@@ -136,22 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gold == bool(args.workdir):
         parser.error("give exactly one of --workdir DIR and --gold")
-    try:
-        if args.gold:
-            records, detector = gold_manifest(args.data), "gold"
-        else:
-            from ith_jax import train as train_lib
-            train_lib.setup_logging()
-            records, detector = detect(Path(args.workdir), args.data, step=args.step, batch_size=args.batch_size,
-                                       progress=not args.no_progress)
-        manifest_lib.write_manifest(records, args.out)
-    except (UserError, manifest_lib.ManifestError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: expected a positive integer")
+    check_output_file(args.out, what="--out")  # before the detection, not after it
+    if args.gold:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # --gold never imports jax
+        records, detector = gold_manifest(args.data), "gold"
+    else:
+        from ith_jax import trainer as trainer_lib
+        trainer_lib.setup_logging()
+        records, detector = detect(Path(args.workdir), args.data, step=args.step, batch_size=args.batch_size,
+                                   progress=not args.no_progress)
+    manifest_lib.write_manifest(records, args.out)
     num_spans = sum(len(r["spans"]) for r in records)
     print(f"wrote {len(records)} records with {num_spans} spans ({detector}) to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
 
 logger = logging.getLogger("ith_jax")
 

@@ -4,8 +4,10 @@ The trainer (``ith_jax/train.py``) only ever talks to this interface, so the spa
 audio-fused LM reuse the same loop, checkpointing, data parallelism and logging:
 
 - ``load(path)`` -> ``Split``: examples read from one AuditoryBench file and encoded for this head.
-- ``batches(split, ...)`` / ``num_batches(split, ...)``: static-shape numpy batches (bucketed lengths).
-- ``build_model()``: the Flax NNX model (pretrained weights or random init, per the config).
+- ``batches(rows, ...)`` / ``num_batches(rows, ...)``: static-shape numpy batches (bucketed lengths). Shapes are
+  a function of the rows batched and the config only, never of which other files were loaded before.
+- ``model_spec()``: the ``ModelSpec`` of the model this config trains (``ith_jax.model_spec.build_model``
+  builds it; the spec is stored in every checkpoint).
 - ``loss(model, batch, rng)`` -> ``(loss, aux)``: traced inside the jitted train step.
 - ``predict(model, batch)`` -> dict of arrays: traced inside the jitted eval step.
 - ``score(split, outputs)`` -> metrics: host-side, from the predictions of every batch of a split.
@@ -24,9 +26,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ith_jax.data import auditorybench, batching, spans
-from ith_jax.errors import UserError
-from ith_jax.models import bert, convert
+from ith_jax.data import auditorybench, batching, mlm, spans
+from ith_common.errors import UserError
+from ith_jax import model_spec as model_spec_lib
 
 logger = logging.getLogger("ith_jax")
 
@@ -52,28 +54,12 @@ def resolve_data_path(config: ml_collections.ConfigDict, path_template: str, tas
     return str(Path(config.data_dir) / path)
 
 
-def _model_dtype(config) -> Any:
-    if config.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"dtype={config.dtype!r}: expected float32 or bfloat16")
-    return jnp.float32 if config.dtype == "float32" else jnp.bfloat16
-
-
-def build_model(config: ml_collections.ConfigDict, head: str, num_labels: int | None = None) -> nnx.Module:
-    """The pretrained checkpoint's model, or (random_init) a freshly initialised one of its (overridden) shape."""
-    dtype = _model_dtype(config)
-    if not config.random_init:
-        model, info = convert.load_pretrained(config.text_model, head, num_labels=num_labels, dtype=dtype,
-                                              seed=config.seed)
-        return model
-    ckpt_dir = convert.resolve_checkpoint_dir(config.text_model)
-    values = convert.config_from_checkpoint(ckpt_dir).to_dict()
-    values.update({k: v for k, v in config.model.to_dict().items() if v is not None})
-    model_config = bert.BertConfig.from_dict(values, source=f"{ckpt_dir} + config.model")
-    rngs = nnx.Rngs(params=config.seed)
-    logger.info("random init (config.random_init): %s", model_config)
-    if head == "mlm":
-        return bert.BertForMaskedLM(model_config, dtype=dtype, rngs=rngs)
-    return bert.BertForTokenClassification(model_config, num_labels, dtype=dtype, rngs=rngs)
+def check_encoded(path: str, examples: list, encoded: list, max_length: int, report) -> None:
+    """A file whose every row was dropped while encoding (e.g. all longer than max_length) is an error, not an
+    empty split with meaningless metrics."""
+    if not encoded:
+        raise UserError(f"{path}: none of its {len(examples)} usable rows is left after encoding with "
+                        f"max_length={max_length} ({report.summary()}); raise --config.max_length")
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -91,7 +77,6 @@ class MlmTask:
     def __init__(self, config: ml_collections.ConfigDict, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
-        self.max_masks = 1
         # (lower, higher): their logits at the mask decide a pitch prediction. encode_mlm checks that each
         # is one word piece of the vocabulary before any pitch row is used.
         self.pitch_ids = np.asarray([tokenizer.token_to_id(w) or 0 for w in auditorybench.PITCH_LABELS], np.int32)
@@ -105,25 +90,25 @@ class MlmTask:
         if not examples:
             raise UserError(f"{path}: no usable rows")
         split_task = examples[0].task
-        encoded, encode_report = auditorybench.encode_mlm(examples, self.tokenizer,
+        encoded, encode_report = mlm.encode_mlm(examples, self.tokenizer,
                                                           max_length=self.config.max_length,
                                                           strict=self.config.strict_data)
         logger.info("%s: %s", path, encode_report.summary())
+        check_encoded(path, examples, encoded, self.config.max_length, encode_report)
         choices = None
         if (split_task == "animal" and self.config.get("multiple_choice", False)
                 and any(e.options is not None for e in examples)):
-            choices, _ = auditorybench.encode_choices(examples, self.tokenizer, max_length=self.config.max_length)
-        split = Split(path=path, task=split_task, examples=examples, encoded=encoded, report=report,
-                      choices=choices)
-        for rows in (encoded, choices or []):
-            for row in rows:
-                self.max_masks = max(self.max_masks, len(row.mask_positions))
-        return split
+            choices, _ = mlm.encode_choices(examples, self.tokenizer, max_length=self.config.max_length)
+        return Split(path=path, task=split_task, examples=examples, encoded=encoded, report=report,
+                     choices=choices)
 
     def batches(self, rows: list, *, batch_size: int, shuffle: bool, epoch: int = 0,
                 start_batch: int = 0) -> Iterator[dict]:
+        # Mask slots M: the most masks of any row of `rows` (an animal answer's word pieces), so the shapes
+        # depend on these rows alone, not on what else was loaded.
+        max_masks = max([1, *(len(row.mask_positions) for row in rows)])
         return batching.iterate_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets),
-                                        max_masks=self.max_masks, shuffle=shuffle, seed=self.config.seed,
+                                        max_masks=max_masks, shuffle=shuffle, seed=self.config.seed,
                                         epoch=epoch, start_batch=start_batch)
 
     def num_batches(self, rows: list, *, batch_size: int) -> int:
@@ -139,8 +124,8 @@ class MlmTask:
         return sets
 
     # -- model
-    def build_model(self) -> nnx.Module:
-        return build_model(self.config, "mlm")
+    def model_spec(self) -> model_spec_lib.ModelSpec:
+        return model_spec_lib.spec_from_config(self.config, "mlm")
 
     def _logits(self, model, batch, *, deterministic: bool, rng=None) -> jax.Array:
         rngs = None if deterministic else nnx.Rngs(dropout=rng)
@@ -218,6 +203,7 @@ class SpanTask:
             raise UserError(f"{path}: no usable rows")
         encoded, span_report = spans.encode_spans(examples, self.tokenizer, max_length=self.config.max_length)
         logger.info("%s: %s", path, span_report.summary())
+        check_encoded(path, examples, encoded, self.config.max_length, span_report)
         return Split(path=path, task=examples[0].task, examples=examples, encoded=encoded, report=report)
 
     def batches(self, rows: list, *, batch_size: int, shuffle: bool, epoch: int = 0,
@@ -235,8 +221,8 @@ class SpanTask:
     def eval_row_sets(self, split: Split) -> dict[str, list]:
         return {"main": split.encoded}
 
-    def build_model(self) -> nnx.Module:
-        return build_model(self.config, "token_classification", num_labels=self.num_labels)
+    def model_spec(self) -> model_spec_lib.ModelSpec:
+        return model_spec_lib.spec_from_config(self.config, "token_classification", num_labels=self.num_labels)
 
     def loss(self, model, batch, rng) -> tuple[jax.Array, dict]:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],

@@ -33,7 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from audio_gen.errors import AudioGenError  # noqa: E402
+from ith_common.atomic import atomic_write_text, check_output_file  # noqa: E402
+from ith_common.errors import UserError, run_main  # noqa: E402
+from ith_common.prompts import DEFAULT_PROMPT_TEMPLATE  # noqa: E402
 
 THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8)
 
@@ -61,7 +63,7 @@ def parse_args(argv):
     parser.add_argument("--max-prompts", type=int, default=100)
     parser.add_argument("--generator-model", default="stabilityai/stable-audio-open-1.0")
     parser.add_argument("--clap-model", default="laion/clap-htsat-fused")
-    parser.add_argument("--prompt-template", default="{span} sound")
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
     parser.add_argument("--negative-prompt", default="Low quality")
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
@@ -90,18 +92,18 @@ def run(args) -> dict:
     from audio_gen.clap import ClapScorer
     from audio_gen.generators import prompt_seed
     from audio_gen.generators.stable_audio import StableAudioGenerator
-    from audio_gen.selection import acceptance_rates
+    from ith_common.selection import acceptance_rates
 
     items, _ = collect_prompts(args.spans, args.prompt_template, args.max_prompts)
     if not items:
-        raise AudioGenError("no spans found in " + ", ".join(args.spans))
+        raise UserError("no spans found in " + ", ".join(args.spans))
     quiet_libraries()
     full = StableAudioGenerator.load(args.generator_model, device=args.device, dtype=args.dtype,
                                      num_inference_steps=args.steps, negative_prompt=args.negative_prompt,
                                      audio_seconds=args.seconds, latent_mode="full")
     short = StableAudioGenerator(full.pipeline, identity={}, num_inference_steps=args.steps,
                                  negative_prompt=args.negative_prompt, audio_seconds=args.seconds,
-                                 latent_mode="short")
+                                 latent_mode="short", warn_on_nan=full.warn_on_nan)
     scorer = ClapScorer(args.clap_model, device=str(full.device))
     save_dir = pathlib.Path(args.save_audio) if args.save_audio else None
     if save_dir:
@@ -174,16 +176,14 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run(args)
-    except AudioGenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.out:
+        check_output_file(args.out, what="--out")  # before generating for minutes
+    report = run(args)
     print(format_report(report))
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

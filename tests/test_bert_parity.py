@@ -22,7 +22,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
 from ith_jax.models import bert as bert_lib
 from ith_jax.models.bert import BertConfig
 from ith_jax.models.convert import config_from_checkpoint, load_hf_weights, load_pretrained, map_hf_names

@@ -2,9 +2,11 @@
 cache it writes (read back with CacheReader and `audio_gen.cache verify`), reruns, shards, batch-composition
 independence, reports, and the errors it must give for bad input."""
 
+import ast
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -12,8 +14,8 @@ import numpy as np
 import pytest
 
 from audio_gen import tiny
-from audio_gen.cache import CacheReader, shard_of_key
-from audio_gen.manifest import write_manifest
+from ith_common.cache import CacheReader, shard_of_key, verify
+from ith_common.manifest import write_manifest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPAN_TEXTS = ["Squeal", "Bark", "sound of a tube train", "sound of roadside ambience", "Squeal"]
@@ -57,10 +59,11 @@ def env(tmp_path_factory):
 FAST = ("--config.progress=false", "--config.num_candidates=3", "--config.num_inference_steps=3")
 
 
-def run_build(env, *args, variant="tiny", check=True):
+def run_build(env, *args, variant="tiny", check=True, preexec_fn=None):
     command = [sys.executable, "-m", "audio_gen.build_cache", "--config", f"configs/gen.py:{variant}", *FAST,
                *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=preexec_fn)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -93,6 +96,7 @@ def test_build_cache_writes_one_verified_entry_per_distinct_prompt(built, inputs
         assert entry.clap_scores.shape == (3,) and np.all(np.abs(entry.clap_scores) <= 1)
         assert entry.token_mask is None
         assert entry.metadata["span_text"] + " sound" == prompt
+        assert entry.metadata["nan_samples"] == [0, 0, 0]  # float32 tiny models on a CPU decode finite audio
         assert len(set(entry.clap_scores.tolist())) > 1  # the candidates really differ
     assert entries["Squeal sound"].metadata["occurrences"] == 2
     assert entries["Bark sound"].metadata["occurrences"] == 2
@@ -123,7 +127,8 @@ def test_summary_histogram_and_fingerprint(built):
 
 def test_rerun_reuses_everything_and_changes_nothing(built, inputs, env):
     cache_dir, _ = built
-    data_files = sorted((cache_dir / "shards").glob("*.data"))
+    data_files = sorted((cache_dir / "shards").glob("*.sqlite"))
+    assert data_files
     before = {p: p.read_bytes() for p in data_files}
     result = run_build(env, f"--config.spans={inputs['spans']}", f"--config.cache_dir={cache_dir}")
     summary = summary_of(cache_dir)
@@ -231,3 +236,91 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(inputs, env, tmp_path, 
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not cache_dir.exists()
+
+
+def single_error_line(result):
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    return error_lines[0]
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("tyni", "error: configs/gen.py: unknown variant 'tyni' (known: paper, tiny, tone, oracle, short, unfused)"),
+    ("tiny,paper", "error: configs/gen.py: variants 'tiny' and 'paper' conflict (choose one size: paper, tiny)"),
+])
+def test_bad_variants_are_one_clear_error(inputs, env, tmp_path, variant, expected):
+    result = run_build(env, f"--config.spans={inputs['root'] / 'extra.txt'}", f"--config.cache_dir={tmp_path / 'c'}",
+                       variant=variant, check=False)
+    assert result.returncode == 2
+    assert single_error_line(result) == expected
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("case", ["is_a_file", "under_a_file", "not_writable"])
+def test_unwritable_cache_dir_fails_before_any_model_is_loaded(inputs, env, tmp_path, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cache_dir = {"is_a_file": blocker, "under_a_file": blocker / "cache",
+                 "not_writable": tmp_path / "read_only" / "cache"}[case]
+    if case == "not_writable":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        (tmp_path / "read_only").mkdir(mode=0o555)
+    # A generator checkpoint that does not exist: had any model been loaded first, the error would name it.
+    result = run_build(env, f"--config.spans={inputs['root'] / 'extra.txt'}", f"--config.cache_dir={cache_dir}",
+                       "--config.generator_model=/no/such/checkpoint", check=False)
+    assert result.returncode == 2
+    line = single_error_line(result)
+    assert line.startswith(f"error: config key 'cache_dir': {cache_dir}"), line
+    assert {"is_a_file": "is a file", "under_a_file": "is a file", "not_writable": "not writable"}[case] in line
+    assert blocker.read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_committed_entries(inputs, env, tmp_path):
+    """The run may write no file beyond 60% of the size of the largest file of the finished cache (RLIMIT_FSIZE;
+    Python ignores SIGXFSZ, so the write fails with EFBIG as on a full disk): it stops with one line naming the
+    file, the entries committed before stay valid, and a rerun without the limit completes the cache.  Entries
+    are made large (5 x 64 log-mel tokens of tones, 40 KB) so that they, not the cache's fixed overhead (schema,
+    journal), decide when the limit is reached."""
+    args = [f"--config.spans={inputs['spans']}", "--config.batch_size=1", "--config.num_candidates=5",
+            "--config.encoder=logmel", "--config.num_tokens=64"]
+    reference = tmp_path / "reference"
+    run_build(env, *args, f"--config.cache_dir={reference}", variant="tiny,tone")
+    limit = int(0.6 * max(p.stat().st_size for p in (reference / "shards").iterdir()))
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = tmp_path / "full"
+    result = run_build(env, *args, f"--config.cache_dir={full}", variant="tiny,tone", check=False,
+                       preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    line = single_error_line(result)
+    # The failing file inside the cache and the system's reason (the SQLite shard reports EFBIG as an I/O error).
+    assert line.startswith(f"error: {full}/") and len(line.rsplit(": ", 1)[-1]) > 3, line
+    assert verify(full).ok
+    kept, expected = cache_contents(full), cache_contents(reference)
+    assert 0 < len(kept) < len(expected)
+    for prompt, entry in kept.items():
+        np.testing.assert_array_equal(entry.tokens, expected[prompt].tokens)
+
+    run_build(env, *args, f"--config.cache_dir={full}", variant="tiny,tone")
+    assert (summary_of(full)["generated"], summary_of(full)["reused"]) == (5 - len(kept), len(kept))
+    assert set(cache_contents(full)) == set(expected)
+
+
+def test_torch_free_modules_import_without_torch_and_audio_gen_never_imports_ith_jax():
+    code = ("import sys, runpy; import ith_common.atomic, ith_common.config, ith_common.errors, ith_common.hub, "
+            "ith_common.manifest, ith_common.prompts, ith_common.selection, audio_gen.build_cache, "
+            "audio_gen.pretrained, audio_gen.tiny, audio_gen.generators.retrieval; "
+            "runpy.run_path('configs/gen.py')['get_config']('tiny'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'jax', 'ith_jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    for path in sorted((REPO / "audio_gen").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] == "ith_jax"], f"{path} imports {names}"

@@ -1,19 +1,24 @@
-"""The audio token cache: round trips, keys, fingerprints, shards, merge, corruption, hostile prompts, selection."""
+"""The audio token cache (format 2, SQLite): round trips, keys, fingerprints, shards, merge, corruption, hostile
+prompts and caches, file modes, disk errors, selection."""
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import pathlib
+import resource
+import signal
+import sqlite3
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from audio_gen.cache import (CACHE_FORMAT_VERSION, CacheEntry, CacheError, CacheReader, CacheWriter, cache_stats,
-                             entry_key, merge, shard_of_key, verify)
-from audio_gen.selection import acceptance_rates, select_candidate
+from ith_common.cache import (CACHE_FORMAT_VERSION, CacheEntry, CacheError, CacheReader, CacheWriter, cache_stats,
+                              entry_digest, entry_key, merge, shard_of_key, verify)
+from ith_common.selection import acceptance_rates, select_candidate
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -37,6 +42,20 @@ def make_entry(prompt, seed=0, k=3, t=4, d=16, mask=None, waveforms=None, sample
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "audio_gen.cache", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO)
+
+
+def run_driver(cache, *args, **kwargs):
+    return subprocess.run([sys.executable, str(HELPERS / "cache_driver.py"), str(cache), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+def shard_db(cache, shard="shard-00000-of-00001"):
+    """A plain sqlite3 connection to one shard, for tests that look at or damage its contents."""
+    return contextlib.closing(sqlite3.connect(cache / "shards" / f"{shard}.sqlite", isolation_level=None))
+
+
+def files_under(root):
+    return sorted((p.relative_to(root), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
 
 
 def assert_same_entry(got: CacheEntry, want: CacheEntry):
@@ -101,7 +120,8 @@ def test_store_waveforms_off_keeps_no_audio(tmp_path):
     entry = make_entry("quiet sound", waveforms=np.zeros((3, 100), np.float32), sample_rate=8000)
     with CacheWriter(tmp_path / "c", fingerprint=FINGERPRINT) as writer:
         writer.add(entry)
-    assert not any((tmp_path / "c" / "audio").iterdir())
+    with shard_db(tmp_path / "c") as db:
+        assert db.execute("SELECT count(*) FROM waveforms").fetchone() == (0,)
     assert CacheReader(tmp_path / "c").get(entry.key, waveforms=True).waveforms is None
 
 
@@ -158,7 +178,7 @@ def test_group_commit(tmp_path):
     (lambda e: setattr(e, "tokens", e.tokens.astype(np.int32)), "'tokens'"),
     (lambda e: setattr(e, "tokens", e.tokens.astype(np.float32) * 1e6), "'tokens': non-finite"),
     (lambda e: setattr(e, "clap_scores", e.clap_scores[:2]), "'clap_scores'"),
-    (lambda e: setattr(e, "clap_scores", np.array([0.1, np.nan, 0.2])), "'clap_scores'"),
+    (lambda e: setattr(e, "clap_scores", np.array([0.1, np.inf, 0.2])), "'clap_scores'"),
     (lambda e: setattr(e, "token_mask", np.ones((3, 5), bool)), "'token_mask'"),
     (lambda e: setattr(e, "token_mask", np.array([[1, 1, 0, 0]] * 2 + [[0, 0, 0, 0]])), "candidate 2 has no valid"),
     (lambda e: setattr(e, "metadata", {"t": float("inf")}), "'metadata'"),
@@ -198,6 +218,11 @@ def test_fingerprint_mismatch_is_refused_naming_the_keys(tmp_path):
     assert "num_tokens" not in message and "\n" not in message
     after = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
     assert before == after
+    # A new shard of the same cache is refused too, and leaves no shard with the other settings behind.
+    with pytest.raises(CacheError, match="generator.steps: cache has 8, this run has 50"):
+        CacheWriter(tmp_path / "c", fingerprint=other, num_shards=2, shard_index=1)
+    assert not (tmp_path / "c" / "shards" / "shard-00001-of-00002.sqlite").exists()
+    assert len(CacheReader(tmp_path / "c")) == 1
     # Tuples and lists are the same fingerprint (it is compared as JSON).
     with CacheWriter(tmp_path / "d", fingerprint={"sizes": (1, 2)}):
         pass
@@ -211,6 +236,30 @@ def test_one_writer_per_shard(tmp_path):
             CacheWriter(tmp_path / "c", fingerprint=FINGERPRINT)
     with CacheWriter(tmp_path / "c", fingerprint=FINGERPRINT):  # released on close
         pass
+
+
+def test_two_processes_on_one_shard_end_valid_or_the_second_is_refused(tmp_path):
+    """Two real writer processes started together on the same shard: each either finishes or is refused with one
+    clear line, and the cache they leave is complete after a rerun, without duplicates."""
+    cache = tmp_path / "cache"
+    for attempt in range(3):  # the start-up race differs each time
+        processes = [subprocess.Popen([sys.executable, str(HELPERS / "cache_driver.py"), str(cache), "--entries",
+                                       str(40 * (attempt + 1)), "--waveforms"], cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=120) for p in processes]
+        codes = [p.returncode for p in processes]
+        assert 0 in codes, outputs
+        for code, (_, err) in zip(codes, outputs):
+            if code:
+                assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+                assert "is being written by another process" in err and "shard-00000-of-00001.lock" in err
+        report = verify(cache)
+        assert report.ok, report.problems
+        with CacheReader(cache) as reader:
+            assert not reader.duplicates
+            assert sorted(reader.keys()) == sorted(cache_driver.key_for(i) for i in range(40 * (attempt + 1)))
+    with shard_db(cache) as db:
+        assert db.execute("SELECT count(*), count(DISTINCT key) FROM entries").fetchone() == (120, 120)
 
 
 def test_writer_refuses_keys_of_other_shards(tmp_path):
@@ -297,83 +346,118 @@ def test_merge_refuses_other_fingerprints(tmp_path):
 def test_verify_names_a_corrupted_and_a_truncated_shard(tmp_path):
     cache = tmp_path / "cache"
     for index in range(3):
-        result = subprocess.run([sys.executable, str(HELPERS / "cache_driver.py"), str(cache), "--entries", "30",
-                                 "--num-shards", "3", "--shard-index", str(index)], capture_output=True, cwd=REPO)
-        assert result.returncode == 0
+        assert run_driver(cache, "--entries", 30, "--num-shards", 3, "--shard-index", index).returncode == 0
     assert run_cli("verify", cache, "--quiet").returncode == 0
     shards = cache / "shards"
-    rows = [json.loads(line) for line in (shards / "shard-00000-of-00003.index.jsonl").read_text().splitlines()]
-    victim = rows[len(rows) // 2]
-    # Flip bytes inside the token payload of one entry of shard 0 ...
-    with open(shards / "shard-00000-of-00003.data", "r+b") as handle:
-        position = victim["offset"] + victim["length"] - 700
-        handle.seek(position)
-        original = handle.read(4)
-        handle.seek(position)
-        handle.write(bytes(b ^ 0xFF for b in original))
-    # ... and cut shard 2's data file short.
-    data_2 = shards / "shard-00002-of-00003.data"
-    rows_2 = [json.loads(line) for line in (shards / "shard-00002-of-00003.index.jsonl").read_text().splitlines()]
-    os.truncate(data_2, data_2.stat().st_size - rows_2[-1]["length"] // 2)
+    owned = [i for i in range(30) if shard_of_key(cache_driver.key_for(i), 3) == 0]
+    victim, survivor = owned[len(owned) // 2], owned[0]
+    victim_key = cache_driver.key_for(victim)
+    # Flip bytes of one entry's stored CLAP scores inside shard 0's file (SQLite's own structure stays intact) ...
+    shard_0 = shards / "shard-00000-of-00003.sqlite"
+    scores = cache_driver.expected_entry(victim, 64, False).clap_scores.tobytes()
+    assert shard_0.read_bytes().count(scores) == 1
+    with open(shard_0, "r+b") as handle:
+        handle.seek(shard_0.read_bytes().index(scores))
+        handle.write(bytes(b ^ 0xFF for b in scores[:4]))
+    # ... and cut shard 2's file short.
+    shard_2 = shards / "shard-00002-of-00003.sqlite"
+    os.truncate(shard_2, shard_2.stat().st_size // 2)
 
     result = run_cli("verify", cache, "--quiet")
     assert result.returncode == 1, result.stdout
     problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
     assert len(problems) == 2, result.stdout
-    assert f"shard shard-00000-of-00003: entry {victim['key'][:12]}" in problems[0]
-    assert "sha256 mismatch" in problems[0]
-    assert f"shard shard-00002-of-00003: entry {rows_2[-1]['key'][:12]}" in problems[1]
-    assert "truncated" in problems[1]
-    # The reader refuses the damaged entries with the same names, and still serves the others.
-    reader = CacheReader(cache)
-    with pytest.raises(CacheError, match=f"shard-00000-of-00003.data: entry {victim['key'][:12]}.*sha256"):
-        reader.get(victim["key"])
-    assert reader.get(rows[0]["key"]).key == rows[0]["key"]
-    # A writer will not append to a shard whose data file lost committed entries.
-    with pytest.raises(CacheError, match="shard is damaged"):
+    assert f"PROBLEM: shard shard-00000-of-00003: entry {victim_key[:12]}: digest mismatch, the entry is corrupted" \
+        in problems
+    assert any(p.startswith("PROBLEM: shard shard-00002-of-00003: cannot read") and "malformed" in p for p in problems)
+    # Readers and writers refuse the damaged shard, naming it ...
+    with pytest.raises(CacheError, match="shard-00002-of-00003.sqlite: the shard is damaged"):
+        CacheReader(cache)
+    with pytest.raises(CacheError, match="shard-00002-of-00003.sqlite: the shard is damaged"):
         CacheWriter(cache, fingerprint=cache_driver.fingerprint(64), num_shards=3, shard_index=2)
+    # ... and, without it, refuse the damaged entry by name and serve the others.
+    shard_2.unlink()
+    reader = CacheReader(cache)
+    with pytest.raises(CacheError, match=f"shard-00000-of-00003.sqlite: entry {victim_key[:12]}: digest mismatch"):
+        reader.get(victim_key)
+    assert reader.get(cache_driver.key_for(survivor)).prompt == cache_driver.prompt_for(survivor)
 
 
-def test_verify_names_a_damaged_index_line(tmp_path):
+def test_verify_names_a_tampered_entry_and_a_broken_index(tmp_path):
     cache = tmp_path / "cache"
-    subprocess.run([sys.executable, str(HELPERS / "cache_driver.py"), str(cache), "--entries", "12"], check=True,
-                   cwd=REPO, capture_output=True)
-    index = cache / "shards" / "shard-00000-of-00001.index.jsonl"
-    lines = index.read_bytes().split(b"\n")
-    lines[4] = lines[4].replace(b'"offset":', b'"offset":1', 1)
-    index.write_bytes(b"\n".join(lines))
+    assert run_driver(cache, "--entries", 12).returncode == 0
+    tampered, unindexed = cache_driver.key_for(4), cache_driver.key_for(9)
+    with shard_db(cache) as db:  # an edit that is valid SQL, so only the digest can tell
+        db.execute("UPDATE entries SET header = replace(header, '\"index\":4', '\"index\":5') WHERE key = ?",
+                   (tampered,))
+        index_page, page_size = (db.execute("SELECT rootpage FROM sqlite_master WHERE name = "
+                                            "'sqlite_autoindex_entries_1'").fetchone()[0],
+                                 db.execute("PRAGMA page_size").fetchone()[0])
+    # Change one character of a key inside the unique index on `key` (page numbers start at 1).
+    path = cache / "shards" / "shard-00000-of-00001.sqlite"
+    data = bytearray(path.read_bytes())
+    page = slice((index_page - 1) * page_size, index_page * page_size)
+    position = page.start + bytes(data[page]).index(unindexed.encode())
+    data[position + 20] = ord("0") if data[position + 20] != ord("0") else ord("1")
+    path.write_bytes(bytes(data))
+
     result = run_cli("verify", cache, "--quiet")
     assert result.returncode == 1
-    assert "shard shard-00000-of-00001: shard-00000-of-00001.index.jsonl: line 5: crc mismatch" in result.stdout
+    problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert f"PROBLEM: shard shard-00000-of-00001: entry {tampered[:12]}: digest mismatch, the entry is corrupted" \
+        in problems
+    assert any(p.startswith("PROBLEM: shard shard-00000-of-00001: integrity_check: ") for p in problems), problems
+    assert any(p.startswith(f"PROBLEM: shard shard-00000-of-00001: entry {unindexed[:12]}: ") for p in problems)
 
 
-def test_unfinished_tail_is_accepted_then_cleaned(tmp_path):
-    """What a killed writer leaves (half a record, half an index line) is not an entry and not an error."""
+def test_a_killed_writer_leaves_only_committed_entries(tmp_path):
+    """What a writer SIGKILLed with an uncommitted group leaves (its -wal journal) is neither an entry nor an error;
+    the next writer of the shard carries on from the last commit."""
     cache = tmp_path / "cache"
-    subprocess.run([sys.executable, str(HELPERS / "cache_driver.py"), str(cache), "--entries", "10"], check=True,
-                   cwd=REPO, capture_output=True)
-    shards = cache / "shards"
-    data, index = shards / "shard-00000-of-00001.data", shards / "shard-00000-of-00001.index.jsonl"
-    clean_data, clean_index = data.read_bytes(), index.read_bytes()
-    with open(data, "ab") as handle:
-        handle.write(b"ITHACREC" + b"\x07" * 3000)
-    with open(index, "ab") as handle:
-        handle.write(b'{"clap_scores":[0.1,')
+    code = ("import os, signal, sys\nimport cache_driver as d\nfrom ith_common.cache import CacheWriter\n"
+            "w = CacheWriter(sys.argv[1], fingerprint=d.fingerprint(64), commit_every=4)\n"
+            "for i in range(7):\n    w.add(d.expected_entry(i, 64, False))\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(cache)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(HELPERS)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    wal = cache / "shards" / "shard-00000-of-00001.sqlite-wal"
+    assert wal.exists()
     report = verify(cache)
-    assert report.ok and report.entries == 10 and len(report.notes) == 2
-    assert len(CacheReader(cache)) == 10
+    assert report.ok and report.entries == 4 and report.notes == []
+    with CacheReader(cache) as reader:
+        assert reader.keys() == [cache_driver.key_for(i) for i in range(4)]
     with CacheWriter(cache, fingerprint=cache_driver.fingerprint(64)) as writer:
-        assert all(writer.has(cache_driver.key_for(i)) for i in range(10))
-    assert data.read_bytes() == clean_data and index.read_bytes() == clean_index
-    assert verify(cache).notes == []
+        assert writer.has(cache_driver.key_for(3)) and not writer.has(cache_driver.key_for(4))
+        writer.add(cache_driver.expected_entry(4, 64, False))
+    assert verify(cache).entries == 5 and not wal.exists()
 
 
 def test_cli_errors_exit_2(tmp_path):
     result = run_cli("verify", tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no cache.json" in result.stderr
-    (tmp_path / "cache.json").write_text('{"format": "ith-jax-audio-cache", "format_version": 99, "fingerprint": {}}')
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "not an audio cache" in result.stderr
+    (tmp_path / "shards").mkdir()
+    with shard_db(tmp_path) as db:
+        db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [("format", '"ith-jax-audio-cache"'),
+                                                          ("format_version", "99"), ("fingerprint", "{}")])
     result = run_cli("stats", tmp_path)
     assert result.returncode == 2 and "format_version" in result.stderr and "99" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_version_1_cache_gets_a_clear_error(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "cache.json").write_text('{"format": "ith-jax-audio-cache", "format_version": 1, "fingerprint": {}}')
+    (tmp_path / "shards" / "shard-00000-of-00001.index.jsonl").write_text("")
+    before = files_under(tmp_path)
+    for command in (["verify", tmp_path], ["stats", tmp_path], ["merge", tmp_path / "out", tmp_path]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "format version 1 cache" in result.stderr and "rebuild" in result.stderr
+    with pytest.raises(CacheError, match="format version 1 cache"):
+        CacheWriter(tmp_path, fingerprint=FINGERPRINT)
+    assert files_under(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------- hostile prompts
@@ -395,12 +479,142 @@ def test_hostile_prompts_are_stored_exactly_and_stay_inside(tmp_path):
     # Nothing outside cache_dir, and every file name inside comes from keys, never from prompts.
     outside = [p for p in tmp_path.rglob("*") if cache not in p.parents and p != cache]
     assert outside == [tmp_path / "inner"]
-    allowed = {"cache.json", "shards", "audio", "tmp"}
+    allowed = {"shards"}
     for path in cache.rglob("*"):
         rel = path.relative_to(cache)
         assert rel.parts[0] in allowed, rel
         assert all(ch in "0123456789abcdefghijklmnopqrstuvwxyz-._" for ch in rel.name), rel
     assert verify(cache).ok
+
+
+def hostile_source(root):
+    """A source cache crafted by someone else: a valid-looking shard whose key and waveform list name paths outside
+    it, with digests recomputed so that only the key and path checks can catch them.  The version-1 format stored
+    such paths in records and trusted them (merge wrote audio/../../x, get and verify read it)."""
+    with CacheWriter(root, fingerprint=FINGERPRINT, store_waveforms=True) as writer:
+        for i in range(2):
+            writer.add(make_entry(f"h{i} sound", waveforms=np.zeros((3, 64), np.float32), sample_rate=8000))
+    evil_key = "../../../escaped"
+    with shard_db(root) as db:
+        key, scores, header, tokens = db.execute("SELECT key, clap_scores, header, tokens FROM entries "
+                                                 "ORDER BY seq").fetchone()
+        header = json.loads(header) | {"waveforms": ["../../../escaped.flac"] * 3}
+        header = json.dumps(header, sort_keys=True, separators=(",", ":"))
+        db.execute("UPDATE entries SET key = ?, header = ?, digest = ? WHERE key = ?",
+                   (evil_key, header, entry_digest(evil_key, header, scores, tokens, None), key))
+        db.execute("UPDATE waveforms SET key = ? WHERE key = ?", (evil_key, key))
+    return evil_key
+
+
+def test_a_hostile_source_cache_never_reaches_outside_its_root(tmp_path):
+    source, out = tmp_path / "box" / "source", tmp_path / "box" / "out"
+    evil_key = hostile_source(source)
+    (tmp_path / "escaped.flac").write_bytes(b"not audio")  # what an escaping path would read
+    before = files_under(tmp_path)
+    result = run_cli("merge", out, source, "--quiet")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "fails verify" in result.stderr and f"entry {evil_key[:12]}" in result.stderr
+    assert files_under(tmp_path) == before and not out.exists()
+    report = verify(source)
+    assert any(p.startswith("shard shard-00000-of-00001: entry ../../../esc") and "64 lowercase hex" in p
+               for p in report.problems), report.problems
+    with CacheReader(source) as reader:
+        with pytest.raises(CacheError, match="waveforms missing or corrupted"):
+            reader.get(evil_key, waveforms=True)
+        assert reader.get(evil_key).waveforms is None
+    assert files_under(tmp_path) == before
+
+
+def test_new_cache_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o002)  # not the usual 022, so that neither mkstemp's 0600 nor SQLite's 0644 passes
+    try:
+        with CacheWriter(tmp_path / "c", fingerprint=FINGERPRINT, store_waveforms=True) as writer:
+            writer.add(make_entry("a sound", waveforms=np.zeros((3, 64), np.float32), sample_rate=8000))
+            writer.flush()
+            while_open = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").rglob("*")}
+        merge(tmp_path / "m", [tmp_path / "c"])
+    finally:
+        os.umask(old)
+    assert {"shard-00000-of-00001.sqlite-wal", "shard-00000-of-00001.sqlite-shm"} <= set(while_open)
+    for root in (tmp_path / "c", tmp_path / "m"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in root.rglob("*")}
+        assert sorted(modes) == ["shard-00000-of-00001.lock", "shard-00000-of-00001.sqlite", "shards"]
+        for name, mode in (modes | (while_open if root.name == "c" else {})).items():
+            assert mode == (0o775 if name == "shards" else 0o664), (root, name, oct(mode))
+
+
+# ------------------------------------------------------------------------------------------------ disk errors
+
+def check_one_line_os_error(result, path_part):
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert path_part in result.stderr and "Traceback" not in result.stderr
+
+
+def check_committed_entries(cache, expected_count=None):
+    """`verify` accepts the cache and every committed entry is exactly the driver's."""
+    report = verify(cache)
+    assert report.ok, report.problems
+    with CacheReader(cache) as reader:
+        assert expected_count is None or len(reader) == expected_count
+        for key in reader:
+            want = cache_driver.expected_entry(reader.get(key).metadata["index"], 64, True)
+            assert_same_entry(reader.get(key), want)
+        return len(reader)
+
+
+def limit_file_size(limit_bytes):
+    def apply():  # in the child: writes past the limit fail with EFBIG instead of killing it with SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+@contextlib.contextmanager
+def mounted(*args):
+    """`mount ARGS... TARGET` for the block (root only); skips the test where mounting is not allowed."""
+    target = args[-1]
+    if os.geteuid() != 0 or subprocess.run(["mount", *map(str, args)], capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount(8) to make a small or read-only file system")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_committed(tmp_path):
+    """RLIMIT_FSIZE (any user): the shard file may not grow past 300 kB."""
+    cache = tmp_path / "cache"
+    result = run_driver(cache, "--entries", 200, "--waveforms", preexec_fn=limit_file_size(300_000))
+    check_one_line_os_error(result, "shard-00000-of-00001.sqlite")
+    committed = check_committed_entries(cache)
+    assert 0 < committed < 200
+    rerun = run_driver(cache, "--entries", 200, "--waveforms")
+    assert rerun.returncode == 0 and json.loads(rerun.stdout) == {"added": 200 - committed, "skipped": committed}
+    check_committed_entries(cache, 200)
+
+
+def test_a_full_tmpfs_is_one_line_and_keeps_what_was_committed(tmp_path):
+    (tmp_path / "small").mkdir()
+    with mounted("-t", "tmpfs", "-o", "size=400k", "tmpfs", tmp_path / "small") as small:
+        result = run_driver(small / "cache", "--entries", 200, "--waveforms")
+        check_one_line_os_error(result, str(small / "cache"))
+        assert "full" in result.stderr
+        assert 0 < check_committed_entries(small / "cache") < 200
+
+
+def test_a_read_only_cache_reads_and_refuses_writes_in_one_line(tmp_path):
+    cache = tmp_path / "cache"
+    assert run_driver(cache, "--entries", 10).returncode == 0
+    before = files_under(cache)
+    (tmp_path / "view").mkdir()
+    with mounted("--bind", "-o", "ro", cache, tmp_path / "view") as view:
+        assert run_cli("verify", view, "--quiet").returncode == 0
+        check_committed_entries(view, 10)
+        result = run_driver(view, "--entries", 20)
+        check_one_line_os_error(result, str(view / "shards"))
+        assert "Read-only file system" in result.stderr
+    assert files_under(cache) == before
 
 
 # ------------------------------------------------------------------------------------------- stats, select
@@ -427,7 +641,7 @@ def test_stats_numbers(tmp_path):
 
 
 def reference_select(scores, rule, threshold):
-    """Plain-Python statement of ITH's rules, written independently of audio_gen.selection."""
+    """Plain-Python statement of ITH's rules, written independently of ith_common.selection."""
     chosen = None
     for index, score in enumerate(scores):
         if not score >= threshold:

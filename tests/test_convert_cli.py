@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
 from ith_jax.models.convert import resolve_checkpoint_dir
+from tests.hub_cache import install_in_hub_cache
 
 WORDS = ["the", "dog", "barked", "loud", "##ly", "at", "a", "violin", "sounds", "higher", "than", "cello", "."]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -60,7 +61,16 @@ def test_check_of_a_missing_path_exits_2(tmp_path):
     missing = tmp_path / "no_such_checkpoint"
     finished = run_cli("--check", str(missing))
     assert finished.returncode == 2
-    assert finished.stderr.strip().splitlines()[-1] == f"error: text_model path {missing} does not exist"
+    assert finished.stderr.strip().splitlines() == [f"error: text_model: checkpoint directory {missing} does not exist"]
+
+
+def test_check_of_a_file_instead_of_a_directory_exits_2(tmp_path):
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"not a directory")
+    finished = run_cli("--check", str(weights))
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines() == [
+        f"error: text_model: {weights} is a file; expected a checkpoint directory (with config.json) or a hub id"]
 
 
 def test_check_of_an_uncached_hub_id_offline_says_how_to_use_a_local_copy(tmp_path):
@@ -68,10 +78,20 @@ def test_check_of_an_uncached_hub_id_offline_says_how_to_use_a_local_copy(tmp_pa
         "--check", "google-bert/bert-base-uncased", env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     )
     assert finished.returncode == 2
-    message = finished.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: text_model google-bert/bert-base-uncased is not a local directory")
-    assert "HF_HUB_OFFLINE" in message
-    assert "--config.text_model=/path/to/bert-base-uncased" in message
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1, finished.stderr
+    assert lines[0].startswith("error: text_model: google-bert/bert-base-uncased is not a local directory")
+    assert "HF_HUB_OFFLINE" in lines[0]
+    assert "huggingface-cli download google-bert/bert-base-uncased --local-dir bert-base-uncased" in lines[0]
+    assert lines[0].endswith("e.g. --config.text_model=/path/to/bert-base-uncased")
+
+
+def test_check_of_a_hub_id_in_the_local_hub_cache_works_offline(tiny_checkpoint, tmp_path):
+    install_in_hub_cache(tiny_checkpoint, tmp_path / "hub", "org/tiny-bert")
+    finished = run_cli("--check", "org/tiny-bert",
+                       env_extra={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert finished.returncode == 0, finished.stderr
+    assert any(line.startswith("mlm logits") and line.endswith("ok") for line in finished.stdout.splitlines())
 
 
 def test_resolve_checkpoint_dir_rules(tmp_path, monkeypatch):
@@ -80,7 +100,7 @@ def test_resolve_checkpoint_dir_rules(tmp_path, monkeypatch):
     (tmp_path / "local").mkdir()
     assert resolve_checkpoint_dir("local") == tmp_path / "local"  # relative, existing
     for local_looking in ("./missing", "~/missing-checkpoint-xyz", "a/b/c", str(tmp_path / "missing")):
-        with pytest.raises(UserError, match=r"^text_model path .* does not exist$"):
+        with pytest.raises(UserError, match=r"^text_model: checkpoint directory .* does not exist$"):
             resolve_checkpoint_dir(local_looking)
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(UserError, match="is a file"):

@@ -1,42 +1,14 @@
-"""AuditoryBench loading, validation, tokenizer and MLM encoding, on the real files and hand-written CSVs."""
+"""AuditoryBench loading and validation, on the synthetic files, the real ones (when present) and hand-written CSVs."""
 
 import csv
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from ith_jax.data.auditorybench import (
-    Example,
-    encode_choices,
-    encode_mlm,
-    find_span,
-    find_spans,
-    load_examples,
-    load_many,
-    load_tokenizer,
-    tokenizer_info,
-)
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
+from ith_jax.data.auditorybench import Example, find_span, find_spans, load_examples, load_many
 
-from tests.conftest import FILES
-
-
-@pytest.fixture(scope="module")
-def ref_python_tok(ckpt_dir):
-    """transformers' pure-Python WordPiece: an independent implementation for ids."""
-    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
-
-    return BertTokenizerLegacy(vocab_file=str(ckpt_dir / "vocab.txt"), do_lower_case=True)
-
-
-@pytest.fixture(scope="module")
-def ref_fast_tok(ckpt_dir):
-    """transformers' BertTokenizer built from vocab.txt alone (not our tokenizer.json): offsets reference."""
-    from transformers import BertTokenizer
-
-    return BertTokenizer(vocab=str(ckpt_dir / "vocab.txt"), do_lower_case=True)
+from tests.synthetic_data import FILES, README_DEFECTS
 
 
 def write_csv(path: Path, header, rows, encoding="utf-8") -> Path:
@@ -54,15 +26,17 @@ ANIMAL_ROW = ["dog", "barking", "A [MASK] is barking.", "cat", "dog", "cow", "ow
 
 
 # ------------------------------------------------------------------------------------------------------
-# Real files against the README
+# Files against their README: the synthetic files always, the real ones when present
 # ------------------------------------------------------------------------------------------------------
 
 
-def readme_tables(data_dir):
+def readme_tables(bench_dir):
     """Row counts and the defect table, parsed from the data README (the reference we check against)."""
-    text = (data_dir / "README.md").read_text(encoding="utf-8")
+    readme = bench_dir / "README.md"
+    if not readme.is_file():
+        pytest.skip(f"{readme} not found: the defect table to check against is missing")
     rows, defects = {}, {}
-    for line in text.splitlines():
+    for line in readme.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[0] in FILES:
             rows[cells[0]] = int(cells[2].replace(",", ""))
@@ -73,10 +47,10 @@ def readme_tables(data_dir):
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_defect_counts_match_readme(data_dir, name):
-    rows, defects = readme_tables(data_dir)
+def test_defect_counts_match_readme(bench_dir, name):
+    rows, defects = readme_tables(bench_dir)
     mask_count, empty, not_found, mismatch = defects[name]
-    examples, report = load_examples(data_dir / name)
+    examples, report = load_examples(bench_dir / name)
     assert report.rows_read == rows[name]
     assert report.task == name.split("/")[0]
     assert report.count("mask_count") == mask_count
@@ -91,8 +65,32 @@ def test_defect_counts_match_readme(data_dir, name):
     assert "\n" not in summary and str(rows[name]) in summary
 
 
-def test_row_numbers_point_at_the_defective_records(data_dir):
-    path = data_dir / "animal/train.csv"
+@pytest.mark.parametrize("name", FILES)
+def test_synthetic_defects_at_the_planted_rows_and_fields_by_name(synthetic_splits, name):
+    """The loader against the generator's own account: which rows have which defect, and every kept
+    example's fields equal to what was written (columns found by name, whatever their order)."""
+    root, splits = synthetic_splits
+    split = splits[name]
+    examples, report = load_examples(root / name)
+    for kind in README_DEFECTS:
+        assert report.rows(kind) == split.defects[kind], kind
+    assert report.rows("field_count") == [] and [row for _, row in report.dropped] == split.dropped
+    kept = [row for row in range(1, len(split.rows) + 1) if row not in split.dropped]
+    assert [e.row for e in examples] == kept
+    for example in examples:
+        written = dict(zip(split.header, (cell.strip() for cell in split.rows[example.row - 1])))
+        assert example.sentence == written["sentence"] and example.source == str(root / name)
+        if split.task == "pitch":
+            assert example.answer == written["answer"].lower()
+            assert example.spans == (written["span1"], written["span2"]) and example.options is None
+        else:
+            assert example.answer == written["animal"] and example.spans == (written[split.column("span")],)
+            assert example.options == tuple(written[c] for c in "ABCD")
+            assert example.option_answer == written["Answer"].upper()
+
+
+def test_row_numbers_point_at_the_defective_records(bench_dir):
+    path = bench_dir / "animal/train.csv"
     with open(path, newline="", encoding="utf-8") as f:
         records = list(csv.DictReader(f))  # records[i] is data row i + 1
     _, report = load_examples(path)
@@ -108,7 +106,7 @@ def test_row_numbers_point_at_the_defective_records(data_dir):
     assert examples[0].spans == (records[0]["span"],) and examples[0].answer == records[0]["animal"]
 
 
-def test_fields_of_loaded_examples(data_dir):
+def test_fields_of_loaded_real_examples(data_dir):
     animal, _ = load_examples(data_dir / "animal/dev.csv")
     first = animal[0]
     assert first == Example(
@@ -128,24 +126,28 @@ def test_fields_of_loaded_examples(data_dir):
     assert {e.answer for e in pitch} == {"lower", "higher"}
 
 
-def test_columns_are_read_by_name(tmp_path, data_dir):
-    src = data_dir / "pitch/dev.csv"
+def test_columns_are_read_by_name(tmp_path, bench_dir):
+    src = bench_dir / "pitch/dev.csv"
     with open(src, newline="", encoding="utf-8") as f:
         records = list(csv.DictReader(f))[:40]
     order = ["span2", "answer", "extra", "sentence", "span1"]
     shuffled = write_csv(tmp_path / "shuffled.csv", order, [[r.get(c, "x") for c in order] for r in records])
     mine, _ = load_examples(shuffled)
     ref, _ = load_examples(src)
+    assert len(mine) > 5
     assert [(e.sentence, e.answer, e.spans) for e in mine] == [(e.sentence, e.answer, e.spans) for e in ref[: len(mine)]]
 
 
-def test_load_many_concatenates_and_combines_reports(data_dir):
-    paths = [data_dir / "pitch/train.csv", data_dir / "pitch/dev.csv"]
+def test_load_many_concatenates_and_combines_reports(bench_dir):
+    _, defects = readme_tables(bench_dir)
+    paths = [bench_dir / "pitch/train.csv", bench_dir / "pitch/dev.csv"]
     examples, report = load_many(paths)
     one, r1 = load_examples(paths[0])
     two, r2 = load_examples(paths[1])
     assert examples == one + two
-    assert report.count("empty_field") == 7 and report.rows("empty_field", source=str(paths[1])) == r2.rows("empty_field")
+    empty = defects["pitch/train.csv"][1] + defects["pitch/dev.csv"][1]
+    assert empty > 0 and report.count("empty_field") == empty
+    assert report.rows("empty_field", source=str(paths[1])) == r2.rows("empty_field")
     assert report.rows_read == r1.rows_read + r2.rows_read
     assert "train.csv" in report.summary() and "dev.csv" in report.summary()
 
@@ -291,167 +293,3 @@ def test_find_span():
     t = "The sound of rain is lower than the sound of rain."
     assert find_spans(t, ["sound of rain", "sound of rain"]) == [(4, 17), (36, 49)]
     assert find_spans(t, ["sound of rain", "of rain", "missing"]) == [(4, 17), (42, 49), None]
-
-
-# ------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ------------------------------------------------------------------------------------------------------
-
-
-def sample_sentences(data_dir):
-    animal, _ = load_examples(data_dir / "animal/dev.csv")
-    pitch, _ = load_examples(data_dir / "pitch/dev.csv")
-    return [e.sentence for e in animal] + [e.sentence for e in pitch[:300]] + [
-        "Café NAÏVE über-loud [MASK]!!! don't stop—ok?",
-    ]
-
-
-def test_tokenizer_matches_independent_references(tok, ref_python_tok, ref_fast_tok, data_dir):
-    sentences = sample_sentences(data_dir)
-    ours = tok.encode_batch(sentences)
-    for sentence, enc in zip(sentences, ours):
-        assert enc.ids == ref_python_tok(sentence)["input_ids"], sentence
-        ref = ref_fast_tok(sentence, return_offsets_mapping=True)
-        assert enc.ids == ref["input_ids"]
-        assert enc.offsets == [tuple(o) for o in ref["offset_mapping"]], sentence
-
-
-def test_mask_becomes_mask_id_and_no_truncation_or_padding(tok):
-    info = tokenizer_info(tok)
-    assert (info.mask_id, info.cls_id, info.sep_id, info.pad_id, info.unk_id) == (103, 101, 102, 0, 100)
-    assert info.token_to_id("lower") == 2896
-    enc = tok.encode("A [MASK] barks.")
-    assert enc.ids[0] == info.cls_id and enc.ids[2] == info.mask_id and enc.ids[-1] == info.sep_id
-    assert enc.offsets[2] == (2, 8)
-    long = tok.encode(" ".join(["sound"] * 600))
-    assert len(long.ids) == 602  # tokenizer.json asks for truncation at 128 and padding; both are off
-
-
-def test_tokenizer_from_vocab_only_matches_tokenizer_json(tmp_path, tok, ckpt_dir, data_dir):
-    vocab_dir = tmp_path / "vocab_only"
-    vocab_dir.mkdir()
-    shutil.copy(ckpt_dir / "vocab.txt", vocab_dir)
-    from_vocab = load_tokenizer(vocab_dir)
-    sentences = sample_sentences(data_dir)
-    for a, b in zip(from_vocab.encode_batch(sentences), tok.encode_batch(sentences)):
-        assert a.ids == b.ids and a.offsets == b.offsets and a.special_tokens_mask == b.special_tokens_mask
-    # do_lower_case false keeps case (the uncased vocab then has no "Dog" and gives [UNK])
-    (vocab_dir / "tokenizer_config.json").write_text('{"do_lower_case": false}')
-    cased = load_tokenizer(vocab_dir)
-    assert cased.encode("Dog [MASK]", add_special_tokens=False).ids == [100, 103]
-    assert from_vocab.encode("Dog [MASK]", add_special_tokens=False).ids == [3899, 103]
-
-
-def test_tokenizer_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError):
-        load_tokenizer(tmp_path / "does-not-exist")
-    with pytest.raises(UserError, match="no tokenizer.json or vocab.txt"):
-        load_tokenizer(tmp_path)
-    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\n")
-    with pytest.raises(UserError, match=r"special token\(s\) \[CLS\], \[SEP\], \[MASK\] missing"):
-        load_tokenizer(tmp_path)
-
-
-# ------------------------------------------------------------------------------------------------------
-# MLM encoding
-# ------------------------------------------------------------------------------------------------------
-
-
-def test_encode_mlm_pitch(tok, ref_python_tok, data_dir):
-    examples, _ = load_examples(data_dir / "pitch/dev.csv")
-    encoded, report = encode_mlm(examples, tok)
-    assert len(encoded) == len(examples) == report.records_out
-    lower, higher = ref_python_tok.convert_tokens_to_ids(["lower", "higher"])
-    for rec in encoded:
-        assert rec.input_ids.dtype == np.int32 and rec.length == len(rec.input_ids)
-        assert rec.input_ids.tolist() == ref_python_tok(rec.example.sentence)["input_ids"]
-        assert rec.sentence == rec.example.sentence
-        assert rec.mask_positions.tolist() == [rec.input_ids.tolist().index(103)]
-        assert rec.mask_label_ids.tolist() == [lower if rec.example.answer == "lower" else higher]
-        # every span range found covers exactly the span's text
-        for (start, end), which in zip(rec.span_token_ranges, rec.span_index):
-            text = rec.sentence[rec.offsets[start, 0] : rec.offsets[end - 1, 1]]
-            assert text.lower() == rec.example.spans[which].lower()
-    found = sum(len(r.span_index) for r in encoded)
-    missing = sum(1 for e in examples for s in e.spans if s.lower() not in e.sentence.lower())
-    assert found == 2 * len(examples) - missing
-    assert len(report.span_not_found) == 17
-
-
-def test_encode_mlm_animal_expands_mask_to_answer_pieces(tok, ref_python_tok, data_dir):
-    examples, _ = load_examples(data_dir / "animal/train.csv")
-    encoded, report = encode_mlm(examples, tok)
-    assert len(encoded) == len(examples)
-    multi = 0
-    for rec in encoded:
-        gold = ref_python_tok(rec.example.answer, add_special_tokens=False)["input_ids"]
-        assert rec.mask_label_ids.tolist() == gold
-        assert len(rec.mask_positions) == len(gold)
-        positions = rec.mask_positions.tolist()
-        assert positions == list(range(positions[0], positions[0] + len(gold)))  # consecutive masks
-        assert (rec.input_ids[rec.mask_positions] == 103).sum() == len(gold) == (rec.input_ids == 103).sum()
-        multi += len(gold) > 1
-        for (start, end), which in zip(rec.span_token_ranges, rec.span_index):
-            span = rec.example.spans[which].lower()
-            text = rec.sentence[rec.offsets[start, 0] : rec.offsets[end - 1, 1]].lower()
-            assert span in text and len(text) - len(span) < 20  # snapped outwards to whole pieces at most
-    assert multi > 900  # about a quarter of the answers have several pieces
-
-
-def test_span_ranges_follow_the_expanded_mask(tok):
-    ex = Example("animal", "hand", 1, "A [MASK] makes a chirping sound.", "giant bug", ("chirping sound",))
-    (rec,), _ = encode_mlm([ex], tok)
-    assert rec.sentence == "A [MASK] [MASK] makes a chirping sound."
-    start, end = rec.span_token_ranges[0]
-    assert tok.decode(rec.input_ids[start:end].tolist()) == "chirping sound"
-    assert rec.sentence[rec.offsets[start, 0] : rec.offsets[end - 1, 1]] == "chirping sound"
-
-
-def test_over_long_sequences_dropped_or_strict_error(tok, data_dir):
-    examples, _ = load_examples(data_dir / "pitch/dev.csv")
-    encoded, report = encode_mlm(examples, tok, max_length=24)
-    lengths = [len(tok.encode(e.sentence).ids) for e in examples]
-    assert len(encoded) == sum(n <= 24 for n in lengths) and len(report.too_long) == sum(n > 24 for n in lengths)
-    assert report.longest == max(lengths) and "longer than max_length 24" in report.summary()
-    with pytest.raises(UserError, match=r"dev\.csv row \d+: \d+ tokens; expected at most max_length=24"):
-        encode_mlm(examples, tok, max_length=24, strict=True)
-
-
-def test_pitch_labels_must_be_single_pieces(tmp_path):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "sound", "is", "low", "##er", "higher", "."]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    small = load_tokenizer(tmp_path)
-    ex = Example("pitch", "hand", 1, "the sound is [MASK].", "lower", ("the sound", "sound"))
-    with pytest.raises(UserError, match="pitch label 'lower' is not a single word piece"):
-        encode_mlm([ex], small)
-
-
-def test_encode_choices(tok, ref_python_tok, data_dir):
-    examples, _ = load_examples(data_dir / "animal/dev.csv")
-    records, report = encode_choices(examples, tok)
-    assert len(records) == 4 * len(examples)
-    for k, rec in enumerate(records):
-        ex = examples[k // 4]
-        assert rec.example is ex and rec.choice == k % 4
-        option = ex.options[rec.choice]
-        gold = ref_python_tok(option, add_special_tokens=False)["input_ids"]
-        assert rec.mask_label_ids.tolist() == gold and (rec.input_ids == 103).sum() == len(gold)
-        expanded = ex.sentence.replace("[MASK]", " ".join(["[MASK]"] * len(gold)))
-        assert rec.input_ids.tolist() == ref_python_tok(expanded)["input_ids"]
-    # the gold option's record is the MLM record
-    mlm, _ = encode_mlm(examples[:50], tok)
-    for ex, m in zip(examples[:50], mlm):
-        if ex.options[ex.option_answer_index] == ex.answer:
-            r = records[4 * examples.index(ex) + ex.option_answer_index]
-            assert np.array_equal(r.input_ids, m.input_ids) and np.array_equal(r.mask_label_ids, m.mask_label_ids)
-
-
-def test_encode_choices_drops_whole_groups(tok):
-    long_option = " ".join(["elephant"] * 20)
-    a = Example("animal", "hand", 1, "A [MASK] trumpets.", "elephant", ("trumpets",), ("cat", long_option, "dog", "cow"), "B")
-    b = Example("animal", "hand", 2, "A [MASK] barks.", "dog", ("barks",), ("cat", "owl", "dog", "cow"), "C")
-    c = Example("animal", "hand", 3, "A [MASK] barks.", "dog", ("barks",))
-    records, report = encode_choices([a, b, c], tok, max_length=16)
-    assert [(r.example.row, r.choice) for r in records] == [(2, 0), (2, 1), (2, 2), (2, 3)]
-    assert report.too_long == [("hand", 1)] and report.no_options == [("hand", 3)]

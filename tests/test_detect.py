@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from audio_gen import manifest as manifest_lib
+from ith_common import manifest as manifest_lib
 from ith_jax.data import auditorybench
 from tests.trainer_utils import DATA_DIR, run, train_command
 
@@ -94,3 +94,32 @@ def test_detect_refuses_a_language_model_workdir_and_bad_arguments(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
     neither = run(["python", "-m", "ith_jax.detect", "--data", "x.csv", "--out", str(tmp_path / "o.jsonl")])
     assert neither.returncode == 2 and "exactly one of" in neither.stderr
+
+
+def test_gold_logs_the_rows_it_drops(tmp_path):
+    source = tmp_path / "pitch_dev_subset.csv"
+    lines = (DATA_DIR / "pitch" / "dev.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert "[MASK]" in lines[2]
+    lines[2] = lines[2].replace("[MASK]", "something", 1)  # data row 2 loses its [MASK]
+    source.write_text("".join(lines[:11]), encoding="utf-8")
+    out = tmp_path / "gold.jsonl"
+    result = run(["python", "-m", "ith_jax.detect", "--gold", "--data", str(source), "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "kept 9, dropped 1" in result.stderr and "without exactly one [MASK]: 1 (rows 2)" in result.stderr
+    assert [r["row"] for r in manifest_lib.read_manifest(out)] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (("--gold", "--batch_size", "0"), "--batch_size 0: expected a positive integer"),
+    (("--gold", "--out", "."), "--out . is a directory"),
+    (("--gold", "--out", "/no/such/dir/spans.jsonl"), "directory /no/such/dir does not exist"),
+])
+def test_bad_detect_arguments_are_one_line_before_any_work(tmp_path, arguments, expected):
+    command = ["python", "-m", "ith_jax.detect", "--data", str(DATA_DIR / "pitch" / "dev.csv")]
+    if "--out" not in arguments:
+        command += ["--out", str(tmp_path / "spans.jsonl")]
+    result = run(command + list(arguments))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (tmp_path / "spans.jsonl").exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from audio_gen import tiny
-from audio_gen.errors import AudioGenError
+from ith_common.errors import UserError
 from audio_gen.generators import candidate_seed, prompt_seed
 
 SAMPLE_RATE = tiny.TINY_STABLE_AUDIO["sampling_rate"]
@@ -93,6 +93,63 @@ def test_decoding_a_prefix_of_the_latent_gives_the_same_audio(pipeline):
     assert trimmed.settings()["decode_frames"] == trimmed.decode_frames
 
 
+def test_nan_samples_are_counted_per_clip(pipeline):
+    generator = make_generator(pipeline)
+    latents = generator.denoise(PROMPTS[:1], [prompt_seed(PROMPTS[0], 0)], 3).clone()
+    latents[1] = float("nan")  # the VAE is convolutional: candidate 1 decodes to NaN only
+    waveforms, counts = generator.decode_counting_nan(latents)
+    assert counts.tolist() == [0, SAMPLE_RATE, 0]
+    assert np.isfinite(waveforms).all() and not waveforms[1].any() and np.abs(waveforms[0]).max() > 0
+
+
+def nan_vae_generator(tiny_home, monkeypatch, model):
+    """A generator whose VAE decoder produces only NaN (its last convolution's weights are NaN); its own pipeline."""
+    import torch
+
+    from audio_gen.generators.stable_audio import StableAudioGenerator
+
+    monkeypatch.setenv("ITH_JAX_CACHE", str(tiny_home))
+    generator = StableAudioGenerator.load(model, device="cpu", audio_seconds=0.5, num_inference_steps=2)
+    last_convolution = [m for m in generator.pipeline.vae.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
+    with torch.no_grad():
+        for parameter in last_convolution.parameters():
+            parameter.fill_(float("nan"))
+    return generator
+
+
+def test_nan_audio_is_counted_warned_about_and_recorded_in_the_cache(tiny_home, tiny_dirs, monkeypatch, tmp_path):
+    import warnings
+
+    from audio_gen.build_cache import build_cache
+    from ith_common.cache import CacheReader
+    from audio_gen.clap import ClapScorer
+    from audio_gen.encoders import build_encoder
+    from ith_common.config import load_config_file
+
+    generator = nan_vae_generator(tiny_home, monkeypatch, str(tiny_dirs["stable_audio"]))
+    with pytest.warns(RuntimeWarning, match=r"NaN/Inf samples.*'dog barking sound' \(2 of 2 clips, 16000 samples\)"):
+        clips = generator.generate(PROMPTS[:1], [prompt_seed(PROMPTS[0], 0)], 2)
+    assert [counts.tolist() for counts in generator.last_nan_samples] == [[8000, 8000]]
+    assert clips[0].shape == (2, 8000) and not clips[0].any()
+
+    spans = tmp_path / "spans.txt"
+    spans.write_text("dog barking\ncat meows\n", encoding="utf-8")
+    config = load_config_file("configs/gen.py:tiny")
+    config.update(spans=(str(spans),), cache_dir=str(tmp_path / "cache"), num_candidates=2, progress=False)
+    with pytest.warns(RuntimeWarning):
+        build_cache(config, generator=generator, scorer=ClapScorer(str(tiny_dirs["clap_fused"])),
+                    encoder=build_encoder("logmel", None, 4), log=lambda message: None)
+    with CacheReader(tmp_path / "cache") as reader:
+        assert [reader.get(key).metadata["nan_samples"] for key in reader] == [[8000, 8000]] * 2
+
+    # tiny: checkpoints have random weights, for which NaN is expected: counted, but no warning.
+    quiet = nan_vae_generator(tiny_home, monkeypatch, "tiny:stable_audio")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quiet.generate(PROMPTS[:1], [prompt_seed(PROMPTS[0], 0)], 2)
+    assert [counts.tolist() for counts in quiet.last_nan_samples] == [[8000, 8000]]
+
+
 def test_compiled_transformer_gives_the_same_clips(tiny_dirs):
     from audio_gen.generators.stable_audio import StableAudioGenerator
 
@@ -111,9 +168,9 @@ def test_compiled_transformer_gives_the_same_clips(tiny_dirs):
 def test_short_mode_never_exceeds_the_model_window(pipeline):
     generator = make_generator(pipeline, latent_mode="short", audio_seconds=FULL_FRAMES * HOP / SAMPLE_RATE)
     assert generator.latent_frames == FULL_FRAMES
-    with pytest.raises(AudioGenError, match="longer than the model's maximum"):
+    with pytest.raises(UserError, match="longer than the model's maximum"):
         make_generator(pipeline, audio_seconds=FULL_FRAMES * HOP / SAMPLE_RATE + 0.5)
-    with pytest.raises(AudioGenError, match="latent_mode"):
+    with pytest.raises(UserError, match="latent_mode"):
         make_generator(pipeline, latent_mode="tiny")
 
 
@@ -193,7 +250,29 @@ def test_tone_generator_pitch_table_and_candidates(tmp_path):
     assert np.abs(clips[0][0] - clips[0][1]).max() > 0.01  # candidates differ
     again = generator.generate(["a high sound"], [1], 4)
     np.testing.assert_array_equal(again[0], clips[0])  # and are reproducible
-    assert generator.settings()["frequencies"] == {"a high sound": 1000.0, "a low sound": 200.0}
+    # The settings (hashed into every cache key) name the table by its content: the same pitches in another file
+    # and order give the same settings, one other pitch does not, and no table is None.
+    settings = generator.settings()["frequencies"]
+    assert settings["prompts"] == 2 and len(settings["sha256"]) == 64
+    for content, same in (({"a low sound": 200.0, "a high sound": 1000}, True),
+                          ({"a high sound": 1000.5, "a low sound": 200}, False)):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(content))
+        assert (ToneGenerator(frequencies_file=str(other)).settings()["frequencies"] == settings) is same
+    assert ToneGenerator().settings()["frequencies"] is None
+
+
+def test_tone_table_lookup_falls_back_to_case_insensitive(tmp_path):
+    from audio_gen.generators.tone import ToneGenerator
+
+    # Gold manifests keep the sentence's casing ("Room tone ..."); AuditoryBench's span columns are lowercase.
+    table = tmp_path / "pitches.json"
+    table.write_text(json.dumps({"room tone sound": 300.0, "Bell sound": 900, "bell sound": 950}))
+    generator = ToneGenerator(frequencies_file=str(table))
+    assert generator.table_frequency("Room Tone sound") == 300.0 == generator.frequency_for("ROOM TONE SOUND")
+    assert generator.table_frequency("bell sound") == 950.0  # an exact key wins
+    assert generator.table_frequency("BELL sound") is None  # two pitches for one casefold: no guess
+    assert generator.frequency_for("BELL sound") == ToneGenerator().frequency_for("BELL sound")  # hashed
 
 
 @pytest.mark.parametrize("content, message", [
@@ -207,7 +286,7 @@ def test_tone_table_errors_name_the_field(tmp_path, content, message):
 
     table = tmp_path / "pitches.json"
     table.write_text(content)
-    with pytest.raises(AudioGenError, match=message):
+    with pytest.raises(UserError, match=message):
         ToneGenerator(frequencies_file=str(table))
 
 
@@ -355,12 +434,12 @@ def test_logmel_tokens_follow_the_sound_over_time():
 def test_encoder_errors():
     from audio_gen.encoders import build_encoder
 
-    with pytest.raises(AudioGenError, match="config key 'encoder'"):
+    with pytest.raises(UserError, match="config key 'encoder'"):
         build_encoder("wav2vec", None, 4)
-    with pytest.raises(AudioGenError, match="num_tokens"):
+    with pytest.raises(UserError, match="num_tokens"):
         build_encoder("logmel", None, 0)
     encoder = build_encoder("logmel", None, 2)
-    with pytest.raises(AudioGenError, match="waveform 0: expected a non-empty mono"):
+    with pytest.raises(UserError, match="waveform 0: expected a non-empty mono"):
         encoder.encode([np.zeros((2, 100), np.float32)], 16000)
 
 

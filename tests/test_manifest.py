@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from audio_gen import manifest
-from audio_gen.manifest import ManifestError, read_manifest, validate_record, write_manifest
+from ith_common import manifest
+from ith_common.manifest import ManifestError, read_manifest, validate_record, write_manifest
 
 
 def gold_pitch_record(row=1):
@@ -182,7 +182,7 @@ def test_missing_file(tmp_path):
 
 
 def test_manifest_module_imports_neither_torch_nor_jax():
-    code = ("import sys, audio_gen.manifest, audio_gen.selection, audio_gen.cache; "
+    code = ("import sys, ith_common.manifest, ith_common.selection, audio_gen.cache; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'soundfile', 'transformers')); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,10 +12,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from audio_gen import tiny  # noqa: E402
-from audio_gen.cache import CacheError, CacheReader, verify  # noqa: E402
+from ith_common.cache import CacheError, CacheReader, verify  # noqa: E402
 from audio_gen.clap import ClapScorer, resample  # noqa: E402
 from audio_gen.encoders import build_encoder  # noqa: E402
-from audio_gen.errors import AudioGenError  # noqa: E402
+from ith_common.errors import UserError  # noqa: E402
 from audio_gen.generators import retrieval  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_retrieve_returns_sorted_cosine_neighbours(tmp_path, library_dir, scorer
         assert indices[row].tolist() == order
         np.testing.assert_allclose(scores[row], want[order], atol=1e-6)
         assert np.all(np.diff(scores[row]) <= 0)
-    with pytest.raises(AudioGenError, match="top_k"):
+    with pytest.raises(UserError, match="top_k"):
         retrieval.retrieve(library, text_embeddings, top_k=7)
 
 
@@ -168,16 +168,42 @@ def test_build_retrieval_cache_writes_the_cache_format(tmp_path, library_dir, sc
         retrieval.build_retrieval_cache(spans, bigger, scorer, encoder, cache, top_k=3, progress=False)
 
 
+def test_a_span_with_odd_whitespace_gets_the_same_prompt_and_key_as_in_generation(tmp_path, library_dir, scorer,
+                                                                                     encoder):
+    from audio_gen.build_cache import collect_prompts
+    from ith_common.cache import entry_key
+    from ith_common.prompts import DEFAULT_PROMPT_TEMPLATE
+
+    span_list = tmp_path / "spans.txt"
+    span_list.write_text("  dog \t barking  \n", encoding="utf-8")
+    items, _ = collect_prompts([str(span_list)], DEFAULT_PROMPT_TEMPLATE)
+    assert [item.prompt for item in items] == ["dog barking sound"]
+    spans = retrieval.collect_spans([span_list])
+    assert spans == ["dog barking"]
+
+    library = retrieval.index_audio_folder(library_dir, scorer, tmp_path / "e.npz", progress=False)
+    # Odd whitespace given to the API directly is normalised too: one entry, under generation's prompt.
+    summary = retrieval.build_retrieval_cache(spans + ["dog  barking "], library, scorer, encoder, tmp_path / "cache",
+                                              top_k=2, progress=False)
+    assert summary["added"] == 1
+    with CacheReader(tmp_path / "cache") as reader:
+        entry = reader.by_prompt(items[0].prompt)
+        assert entry is not None and entry.metadata["query"] == "dog barking"
+        # The key is entry_key(prompt, ...) of that same prompt (under retrieval's generator settings).
+        assert entry.key == entry_key(items[0].prompt, retrieval.retrieval_settings(library, 2), 0,
+                                      encoder.settings())
+
+
 def test_bad_library_inputs(tmp_path, scorer):
-    with pytest.raises(AudioGenError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         retrieval.index_audio_folder(tmp_path / "missing", scorer, tmp_path / "e.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AudioGenError, match="no audio files"):
+    with pytest.raises(UserError, match="no audio files"):
         retrieval.index_audio_folder(tmp_path / "empty", scorer, tmp_path / "e.npz")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.wav").write_bytes(b"RIFF\x00\x00not really a wav")
-    with pytest.raises(AudioGenError, match=r"bad\.wav: cannot read audio"):
+    with pytest.raises(UserError, match=r"bad\.wav: cannot read audio"):
         retrieval.index_audio_folder(broken, scorer, tmp_path / "e.npz", progress=False)
 
 
@@ -197,3 +223,10 @@ def test_cli(tmp_path, library_dir, clap_dir):
                          cwd=REPO)
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "does not exist" in bad.stderr
+    # A cache_dir that is a file is refused before any model is loaded (the CLAP checkpoint here does not exist).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad_cache = [*command[:8], str(blocker), "--clap_model", str(tmp_path / "no_clap"), *command[11:]]
+    bad = subprocess.run(bad_cache, capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines() == [f"error: --cache_dir {blocker} is a file; expected a directory"]

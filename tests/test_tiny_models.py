@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from audio_gen import tiny
-from audio_gen.errors import AudioGenError
+from ith_common.errors import UserError
 from audio_gen.pretrained import checkpoint_identity, resolve_source
+from tests.hub_cache import REVISION, install_in_hub_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,16 +100,37 @@ def test_tiny_prefix_resolves_under_ith_jax_cache(tmp_path, monkeypatch):
 
 
 def test_unknown_or_missing_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(AudioGenError, match="unknown tiny checkpoint tiny:nope"):
+    with pytest.raises(UserError, match="unknown tiny checkpoint tiny:nope"):
         resolve_source("tiny:nope", "generator")
-    with pytest.raises(AudioGenError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         resolve_source(str(tmp_path / "missing"), "config key 'clap_model'")
     file = tmp_path / "weights.bin"
     file.write_bytes(b"x")
-    with pytest.raises(AudioGenError, match="is a file"):
+    with pytest.raises(UserError, match="is a file"):
         resolve_source(str(file), "config key 'clap_model'")
-    # A hub id stays a hub id (resolution does not touch the network).
-    assert resolve_source("laion/clap-htsat-fused", "clap") == "laion/clap-htsat-fused"
+
+
+def test_a_hub_id_in_the_local_hub_cache_loads_offline(tiny_dirs, tmp_path):
+    """The shared resolver gives the snapshot directory; the encoder loads it, and its identity (what enters the
+    cache fingerprint) is the checkpoint's content digest plus the hub id and revision."""
+    install_in_hub_cache(tiny_dirs["ast"], tmp_path / "hub", "org/tiny-ast")
+    code = ("import json; from audio_gen.encoders import build_encoder; "
+            "print(json.dumps(build_encoder('ast', 'org/tiny-ast', 4).settings()['model']))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    identity = json.loads(result.stdout.strip().splitlines()[-1])
+    assert identity == {**checkpoint_identity(str(tiny_dirs["ast"])), "id": "org/tiny-ast", "revision": REVISION}
+
+    # An id the cache does not hold: one UserError that names HF_HUB_OFFLINE and how to use a local copy.
+    code = ("from audio_gen.pretrained import resolve_source\n"
+            "try:\n    resolve_source('org/not-cached', \"config key 'encoder_model'\")\n"
+            "except Exception as error:\n    print(type(error).__name__, error)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.startswith("UserError config key 'encoder_model': org/not-cached is not a local directory")
+    assert "HF_HUB_OFFLINE" in result.stdout and "huggingface-cli download org/not-cached" in result.stdout
 
 
 def test_checkpoint_identity_ignores_location_but_not_content(tiny_dirs, tmp_path):
@@ -131,3 +153,12 @@ def test_command_line_builds_everything(tmp_path):
     listed = dict(line.split("\t") for line in result.stdout.strip().splitlines())
     assert set(listed) == {f"tiny:{name}" for name in tiny.TINY_NAMES}
     assert all(pathlib.Path(path).is_dir() for path in listed.values())
+
+
+def test_command_line_with_an_unusable_root_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "-m", "audio_gen.tiny", "--root", str(blocker / "tiny")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {blocker / 'tiny'}: Not a directory"], result.stderr

@@ -106,7 +106,7 @@ def test_workdir_with_another_model_shape_is_refused_and_left_intact(tmp_path):
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     result = run(train_command(workdir, "--config.model.hidden_size=32"))
     assert result.returncode == 2
-    assert "another model shape" in result.stderr and "hidden_size 64 (checkpoint) vs 32 (config)" in result.stderr
+    assert "another model" in result.stderr and "bert.hidden_size 64 (checkpoint) vs 32 (config)" in result.stderr
     assert len(result.stderr.strip().splitlines()) < 40  # a clear error, not a traceback
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before

@@ -8,7 +8,10 @@ Every generator has the same small interface, so `build_cache` does not care whi
 - ``generate(prompts, seeds, num_candidates) -> list[np.ndarray]``: one float32 array ``[K, S]`` (mono) per
   prompt.  ``seeds[i]`` is the prompt's seed (`prompt_seed`); candidate ``k`` uses `candidate_seed(seed, k)`,
   so a prompt's clips depend only on the prompt, the base seed and the settings, never on which other prompts
-  share the call or in which order they come.
+  share the call or in which order they come;
+- optionally ``last_nan_samples``: after `generate`, one integer array ``[K]`` per prompt with how many samples
+  of each candidate were NaN/Inf and replaced with silence (``build_cache`` stores it as the entry metadata's
+  ``nan_samples``).
 
 Generators: ``stable_audio`` (diffusers' StableAudioPipeline, ITH's generator) and ``tone`` (weight-free sine
 tones, for offline demos and the oracle-audio experiment).
@@ -57,7 +60,7 @@ def derived_seed(seed: int, purpose: str) -> int:
 
 def build_generator(config) -> AudioGenerator:
     """Builds the generator named by ``config.generator`` from the ``configs/gen.py`` keys."""
-    from audio_gen.errors import AudioGenError
+    from ith_common.errors import UserError
 
     name = config.generator
     if name == "stable_audio":
@@ -75,4 +78,4 @@ def build_generator(config) -> AudioGenerator:
 
         return ToneGenerator(sample_rate=config.tone_sample_rate, audio_seconds=config.audio_seconds,
                              frequencies_file=config.tone_frequencies or None)
-    raise AudioGenError(f"config key 'generator': expected one of {', '.join(GENERATOR_NAMES)}, got {name!r}")
+    raise UserError(f"config key 'generator': expected one of {', '.join(GENERATOR_NAMES)}, got {name!r}")

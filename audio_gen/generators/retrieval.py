@@ -2,7 +2,7 @@
 
 Instead of generating K candidates per prompt, the K audio files of a library whose CLAP audio embeddings
 are closest (cosine) to the span's CLAP text embedding become the K candidates; their similarities are the
-`clap_scores`, so the selection rules of `audio_gen.selection` apply unchanged (candidates come sorted
+`clap_scores`, so the selection rules of `ith_common.selection` apply unchanged (candidates come sorted
 best-first). Candidates are encoded with the same encoder interface as generation
 (`audio_gen.encoders.build_encoder`: `encode(waveforms, sample_rate) -> (tokens [N, T, D] float16,
 mask [N, T] bool)`, `settings()`, `sample_rate`) and written in the same cache format (docs/cache.md).
@@ -28,18 +28,18 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from audio_gen.cache import CacheEntry, CacheWriter, canonical_json, entry_key
-from audio_gen.errors import AudioGenError
+from ith_common.atomic import atomic_write_with, check_output_dir
+from ith_common.cache import CacheEntry, CacheWriter, canonical_json, entry_key
+from ith_common.errors import UserError, run_main
+from ith_common.prompts import DEFAULT_PROMPT_TEMPLATE, build_prompt, check_template, normalise_span_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 LIBRARY_FORMAT_VERSION = 1
 GENERATOR_NAME = "retrieval"
-DEFAULT_PROMPT_TEMPLATE = "{span} sound"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def scan_audio_folder(folder: str | os.PathLike) -> list[LibraryFile]:
     """Every .wav/.flac under `folder` (recursively, hidden entries skipped), sorted by relative path."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise AudioGenError(f"{folder}: audio library folder does not exist")
+        raise UserError(f"{folder}: audio library folder does not exist")
     files = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -77,7 +77,7 @@ def scan_audio_folder(folder: str | os.PathLike) -> list[LibraryFile]:
             stat = path.stat()
             files.append(LibraryFile(relative.as_posix(), int(stat.st_size), int(stat.st_mtime_ns)))
     if not files:
-        raise AudioGenError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the library folder")
+        raise UserError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the library folder")
     return files
 
 
@@ -88,9 +88,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as exc:
-        raise AudioGenError(f"{path}: cannot read audio ({exc})") from None
+        raise UserError(f"{path}: cannot read audio ({exc})") from None
     if samples.shape[0] == 0:
-        raise AudioGenError(f"{path}: audio file has no samples")
+        raise UserError(f"{path}: audio file has no samples")
     return samples.mean(axis=1).astype(np.float32), int(rate)
 
 
@@ -113,25 +113,15 @@ def _read_embeddings_file(path: pathlib.Path, clap_model: str) -> dict[LibraryFi
 
 
 def _write_embeddings_file(path: pathlib.Path, library: AudioLibrary) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: pathlib.Path) -> None:
+        # Through a handle: given a file name, np.savez would append ".npz" to the temporary name.
+        with open(tmp, "wb") as handle:
             np.savez(handle, format_version=np.int64(LIBRARY_FORMAT_VERSION), clap_model=np.str_(library.clap_model),
                      files=np.str_(json.dumps([[f.path, f.size, f.mtime_ns] for f in library.files])),
                      embeddings=library.embeddings.astype(np.float32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, write)
 
 
 def index_audio_folder(folder: str | os.PathLike, scorer, embeddings_path: str | os.PathLike, *,
@@ -175,7 +165,7 @@ def index_audio_folder(folder: str | os.PathLike, scorer, embeddings_path: str |
 def retrieve(library: AudioLibrary, text_embeddings: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices [M, K] and cosine similarities [M, K] of the top-K files per text, best first (ties: lower index)."""
     if not 1 <= top_k <= len(library.files):
-        raise AudioGenError(f"top_k: expected 1..{len(library.files)} (the number of library files), got {top_k}")
+        raise UserError(f"top_k: expected 1..{len(library.files)} (the number of library files), got {top_k}")
     text = np.asarray(text_embeddings, dtype=np.float32)
     text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
     similarities = text @ library.embeddings.T  # [M, N]
@@ -191,26 +181,28 @@ def retrieval_settings(library: AudioLibrary, top_k: int) -> dict[str, Any]:
 
 
 def collect_spans(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Distinct span texts, in first-seen order, from manifests (.jsonl) and plain lists (.txt, # comments)."""
-    from audio_gen.manifest import iter_spans, read_manifest
+    """Distinct span texts (whitespace-normalised, as prompts are built), in first-seen order, from manifests
+    (.jsonl) and plain lists (.txt, # comments)."""
+    from ith_common.manifest import iter_spans, read_manifest
 
     spans: dict[str, None] = {}
     for path in paths:
         path = pathlib.Path(path)
         if path.suffix == ".jsonl":
             for _, _, text in iter_spans(read_manifest(path)):
-                spans.setdefault(text, None)
+                spans.setdefault(normalise_span_text(text), None)
         elif path.suffix == ".txt":
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
-                raise AudioGenError(f"{path}: cannot read span list ({exc})") from None
+                raise UserError(f"{path}: cannot read span list ({exc})") from None
             for line in lines:
-                text = line.strip()
+                text = normalise_span_text(line)
                 if text and not text.startswith("#"):
                     spans.setdefault(text, None)
         else:
-            raise AudioGenError(f"{path}: expected a span manifest (.jsonl) or a span list (.txt)")
+            raise UserError(f"{path}: expected a span manifest (.jsonl) or a span list (.txt)")
+    spans.pop("", None)  # a manifest span of only whitespace
     return list(spans)
 
 
@@ -220,16 +212,16 @@ def build_retrieval_cache(spans: Sequence[str], library: AudioLibrary, scorer, e
                           store_waveforms: bool = False, batch_size: int = 32, progress: bool = True) -> dict:
     """Retrieve top-K library files for every span and write them as cache entries.
 
-    The CLAP query is the span text (ITH scores candidates against the span); the entry's prompt is
-    `prompt_template` applied to it, as in generation caches, so the trainer looks entries up the same way.
+    The CLAP query is the whitespace-normalised span text (ITH scores candidates against the span); the entry's
+    prompt is `ith_common.prompts.build_prompt(span, prompt_template)`, as in generation caches, so the trainer
+    looks entries up the same way.
     `encoder` is any object with the encoder interface (see the module docstring). Returns a summary dict.
     """
     from tqdm import tqdm
 
     from audio_gen.clap import resample  # soxr, the resampler generation uses
 
-    if "{span}" not in prompt_template:
-        raise AudioGenError(f"prompt_template: expected a template containing {{span}}, got {prompt_template!r}")
+    check_template(prompt_template)
     generator = retrieval_settings(library, top_k)
     encoder_settings = encoder.settings()
     fingerprint = {"generator": generator, "encoder": encoder_settings, "num_tokens": encoder.num_tokens,
@@ -255,8 +247,8 @@ def build_retrieval_cache(spans: Sequence[str], library: AudioLibrary, scorer, e
     with CacheWriter(cache_dir, fingerprint=fingerprint, num_shards=num_shards, shard_index=shard_index,
                      store_waveforms=store_waveforms, commit_every=batch_size) as writer:
         work = []
-        for span in spans:
-            prompt = prompt_template.replace("{span}", span)
+        for span in dict.fromkeys(normalise_span_text(span) for span in spans):
+            prompt = build_prompt(span, prompt_template)
             key = entry_key(prompt, generator, 0, encoder_settings)
             if not writer.owns(key):
                 summary["other_shards"] += 1
@@ -311,28 +303,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        spans = collect_spans(args.spans)
-        scan_audio_folder(args.audio_dir)  # fail on a bad folder before importing torch and loading models
-        from audio_gen.clap import ClapScorer
-        from audio_gen.encoders import build_encoder
+    # Fail on bad input and unwritable outputs before importing torch and loading models.
+    spans = collect_spans(args.spans)
+    check_template(args.prompt_template)
+    scan_audio_folder(args.audio_dir)
+    check_output_dir(args.cache_dir, what="--cache_dir")
+    from audio_gen.clap import ClapScorer
+    from audio_gen.encoders import build_encoder
 
-        scorer = ClapScorer(args.clap_model, device=args.device)
-        encoder_model = args.encoder_model or (args.clap_model if args.encoder == "clap" else None)
-        encoder = build_encoder(args.encoder, encoder_model, args.num_tokens, device=args.device)
-        embeddings = args.embeddings or str(pathlib.Path(args.cache_dir) / "retrieval_library.npz")
-        library = index_audio_folder(args.audio_dir, scorer, embeddings, progress=not args.no_progress)
-        summary = build_retrieval_cache(spans, library, scorer, encoder, args.cache_dir, top_k=args.top_k,
-                                        prompt_template=args.prompt_template, num_shards=args.num_shards,
-                                        shard_index=args.shard_index, store_waveforms=args.store_waveforms,
-                                        batch_size=args.batch_size, progress=not args.no_progress)
-    except AudioGenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    scorer = ClapScorer(args.clap_model, device=args.device)
+    encoder_model = args.encoder_model or (args.clap_model if args.encoder == "clap" else None)
+    encoder = build_encoder(args.encoder, encoder_model, args.num_tokens, device=args.device)
+    embeddings = args.embeddings or str(pathlib.Path(args.cache_dir) / "retrieval_library.npz")
+    library = index_audio_folder(args.audio_dir, scorer, embeddings, progress=not args.no_progress)
+    summary = build_retrieval_cache(spans, library, scorer, encoder, args.cache_dir, top_k=args.top_k,
+                                    prompt_template=args.prompt_template, num_shards=args.num_shards,
+                                    shard_index=args.shard_index, store_waveforms=args.store_waveforms,
+                                    batch_size=args.batch_size, progress=not args.no_progress)
     print(f"retrieval: {summary['spans']} spans, {len(library.files)} library files: {summary['added']} added, "
           f"{summary['skipped']} already cached, {summary['other_shards']} left to other shards -> {args.cache_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

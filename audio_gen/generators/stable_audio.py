@@ -23,16 +23,18 @@ none of which changes the distribution a prompt's clips are drawn from:
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from diffusers import CosineDPMSolverMultistepScheduler, StableAudioPipeline
 
-from audio_gen.errors import AudioGenError
 from audio_gen.generators import candidate_seed, derived_seed
-from audio_gen.pretrained import checkpoint_identity, load_component, resolve_source, torch_device_and_dtype
+from audio_gen.pretrained import (DIFFUSERS_PIPELINE_FILES, TINY_PREFIX, checkpoint_identity, load_component,
+                                  resolve_source, torch_device_and_dtype)
+from ith_common.errors import UserError
 
 LATENT_MODES = ("full", "short")
 STEP_NOISE = ("gaussian", "brownian")
@@ -49,36 +51,26 @@ class CandidateStepNoise:
     """
 
     def __init__(self, seeds, shape, device, dtype):
-        import torch
-
         self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
         self.shape, self.device, self.dtype = tuple(shape), device, dtype
         self.calls = 0
 
     def __call__(self, sigma, sigma_next):
-        import torch
-
         self.calls += 1
         noise = [torch.randn(self.shape, generator=g, device=self.device, dtype=torch.float32)
                  for g in self.generators]
         return torch.stack(noise).to(self.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _candidate_noise_scheduler_class():
-    from diffusers import CosineDPMSolverMultistepScheduler
+class CandidateNoiseCosineScheduler(CosineDPMSolverMultistepScheduler):
+    """The stock scheduler, except that `set_timesteps` installs the `CandidateStepNoise` of the coming call
+    (the stock one resets the sampler to None and builds a Brownian tree at the first step)."""
 
-    class CandidateNoiseCosineScheduler(CosineDPMSolverMultistepScheduler):
-        """The stock scheduler, except that `set_timesteps` installs the `CandidateStepNoise` of the coming
-        call (the stock one resets the sampler to None and builds a Brownian tree at the first step)."""
+    next_step_noise = None
 
-        next_step_noise = None
-
-        def set_timesteps(self, *args, **kwargs):
-            super().set_timesteps(*args, **kwargs)
-            self.noise_sampler = self.next_step_noise
-
-    return CandidateNoiseCosineScheduler
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.noise_sampler = self.next_step_noise
 
 
 class StableAudioGenerator:
@@ -89,34 +81,36 @@ class StableAudioGenerator:
     def __init__(self, pipeline, *, identity: dict, num_inference_steps: int = 50, guidance_scale: float = 7.0,
                  negative_prompt: str = "Low quality", audio_seconds: float = 5.0, latent_mode: str = "full",
                  short_latent_margin_frames: int = 1, decode_batch_size: int = 8, decode_margin_frames: int = 16,
-                 compile_transformer: bool = False, step_noise: str = "gaussian"):
+                 compile_transformer: bool = False, step_noise: str = "gaussian", warn_on_nan: bool = True):
         """Wraps an already-loaded `StableAudioPipeline` (use `load` to load one from a checkpoint).
 
         ``compile_transformer`` runs the DiT through ``torch.compile`` (in place): the same outputs to float
         rounding, faster on a GPU once compiled (compilation takes a minute or two, once per batch shape).
         ``step_noise``: "gaussian" (`CandidateStepNoise`) or "brownian" (diffusers' Brownian trees, one per
-        candidate); schedulers other than CosineDPMSolverMultistepScheduler always keep their own noise."""
+        candidate); schedulers other than CosineDPMSolverMultistepScheduler always keep their own noise.
+        ``warn_on_nan``: warn when decoded clips hold NaN/Inf samples (they are counted and replaced with silence
+        either way; `load` turns the warning off for tiny random-init checkpoints, where NaN is expected)."""
         if latent_mode not in LATENT_MODES:
-            raise AudioGenError(f"config key 'latent_mode': expected one of {', '.join(LATENT_MODES)}, "
-                                f"got {latent_mode!r}")
+            raise UserError(f"config key 'latent_mode': expected one of {', '.join(LATENT_MODES)}, "
+                            f"got {latent_mode!r}")
         if step_noise not in STEP_NOISE:
-            raise AudioGenError(f"config key 'step_noise': expected one of {', '.join(STEP_NOISE)}, got {step_noise!r}")
+            raise UserError(f"config key 'step_noise': expected one of {', '.join(STEP_NOISE)}, got {step_noise!r}")
         if num_inference_steps < 1:
-            raise AudioGenError(f"config key 'num_inference_steps': expected an integer >= 1, "
-                                f"got {num_inference_steps}")
+            raise UserError(f"config key 'num_inference_steps': expected an integer >= 1, "
+                            f"got {num_inference_steps}")
         if audio_seconds <= 0:
-            raise AudioGenError(f"config key 'audio_seconds': expected a duration > 0, got {audio_seconds}")
+            raise UserError(f"config key 'audio_seconds': expected a duration > 0, got {audio_seconds}")
         if short_latent_margin_frames < 0 or decode_batch_size < 1:
-            raise AudioGenError("config keys 'short_latent_margin_frames' >= 0 and 'vae_decode_batch_size' >= 1 "
-                                f"expected, got {short_latent_margin_frames} and {decode_batch_size}")
+            raise UserError("config keys 'short_latent_margin_frames' >= 0 and 'vae_decode_batch_size' >= 1 "
+                            f"expected, got {short_latent_margin_frames} and {decode_batch_size}")
         self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self.step_noise = step_noise
-        from diffusers import CosineDPMSolverMultistepScheduler
-
         if step_noise == "gaussian" and type(pipeline.scheduler) is CosineDPMSolverMultistepScheduler:
-            pipeline.scheduler = _candidate_noise_scheduler_class().from_config(pipeline.scheduler.config)
-        self._custom_noise = type(pipeline.scheduler) is _candidate_noise_scheduler_class()
+            pipeline.scheduler = CandidateNoiseCosineScheduler.from_config(pipeline.scheduler.config)
+        self._custom_noise = type(pipeline.scheduler) is CandidateNoiseCosineScheduler
+        self.warn_on_nan = bool(warn_on_nan)
+        self.last_nan_samples: list[np.ndarray] = []
         self.compile_transformer = bool(compile_transformer)
         if self.compile_transformer and not getattr(pipeline.transformer, "_compiled_call_impl", None):
             pipeline.transformer.compile()
@@ -140,8 +134,8 @@ class StableAudioGenerator:
         self.full_latent_frames = int(self.pipeline.transformer.config.sample_size)
         max_seconds = self.full_latent_frames * self.hop_length / self.sample_rate
         if self.audio_seconds > max_seconds:
-            raise AudioGenError(f"config key 'audio_seconds': {self.audio_seconds} s is longer than the model's "
-                                f"maximum of {max_seconds:.2f} s")
+            raise UserError(f"config key 'audio_seconds': {self.audio_seconds} s is longer than the model's "
+                            f"maximum of {max_seconds:.2f} s")
         self.num_samples = int(self.audio_seconds * self.sample_rate)  # what the pipeline's own trim keeps
         needed_frames = math.ceil(self.num_samples / self.hop_length)
         self.latent_frames = (self.full_latent_frames if latent_mode == "full"
@@ -157,10 +151,9 @@ class StableAudioGenerator:
     @classmethod
     def load(cls, model: str, *, device: str = "auto", dtype: Any = "auto", **settings) -> "StableAudioGenerator":
         """Loads a StableAudioPipeline checkpoint (directory, hub id or tiny:stable_audio) onto `device`."""
-        from diffusers import StableAudioPipeline
-
         torch_device, torch_dtype = torch_device_and_dtype(device, dtype, what="generator")
-        resolved = resolve_source(model, "config key 'generator_model'")
+        resolved = resolve_source(model, "config key 'generator_model'", hub_files=DIFFUSERS_PIPELINE_FILES)
+
         def _load(source: str):
             with warnings.catch_warnings():
                 # diffusers >= 0.36 renames torch_dtype to dtype; older releases (>= 0.32 is supported) only
@@ -170,6 +163,8 @@ class StableAudioGenerator:
 
         pipeline = load_component(_load, resolved, "config key 'generator_model'")
         pipeline.to(torch_device)
+        # Random tiny weights (in float16 especially) decode to NaN now and then: expected, not worth a warning.
+        settings.setdefault("warn_on_nan", not model.strip().startswith(TINY_PREFIX))
         return cls(pipeline, identity=checkpoint_identity(resolved), **settings)
 
     def settings(self) -> dict[str, Any]:
@@ -191,8 +186,6 @@ class StableAudioGenerator:
         }
 
     def _step_noise_label(self) -> str:
-        from diffusers import CosineDPMSolverMultistepScheduler
-
         if self._custom_noise and self.step_noise == "gaussian":
             return f"gaussian@{self.device.type}"
         if isinstance(self.pipeline.scheduler, CosineDPMSolverMultistepScheduler):
@@ -200,8 +193,6 @@ class StableAudioGenerator:
         return f"scheduler-default:{type(self.pipeline.scheduler).__name__}"
 
     def _initial_latents(self, seeds: Sequence[int]):
-        import torch
-
         # Drawn in float32 on the CPU from each candidate's own generator: the same noise on every device and
         # for every batch composition; then cast to the pipeline's dtype.
         noise = [torch.randn((self.latent_channels, self.latent_frames), dtype=torch.float32,
@@ -210,8 +201,6 @@ class StableAudioGenerator:
 
     def denoise(self, prompts: Sequence[str], seeds: Sequence[int], num_candidates: int):
         """The denoised latents ``[len(prompts) * K, C, latent_frames]`` (prompt-major), before the VAE."""
-        import torch
-
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         flat_seeds = [candidate_seed(seed, k) for seed in seeds for k in range(num_candidates)]
@@ -242,9 +231,11 @@ class StableAudioGenerator:
 
     def decode(self, latents) -> np.ndarray:
         """VAE-decodes latents (their first `decode_frames`) in chunks, trims to the requested duration, downmixes
-        to mono: float32 [N, S]."""
-        import torch
+        to mono: float32 [N, S].  NaN/Inf samples become silence."""
+        return self.decode_counting_nan(latents)[0]
 
+    def decode_counting_nan(self, latents) -> tuple[np.ndarray, np.ndarray]:
+        """`decode`, plus how many samples of each clip were NaN/Inf (and replaced with silence): int [N]."""
         clips = []
         with torch.inference_mode():
             for start in range(0, latents.shape[0], self.decode_batch_size):
@@ -253,14 +244,24 @@ class StableAudioGenerator:
                 audio = audio[:, :, :self.num_samples].float().mean(dim=1)
                 clips.append(audio.cpu().numpy())
         waveforms = np.concatenate(clips, axis=0).astype(np.float32, copy=False)
-        if not np.isfinite(waveforms).all():
-            # Happens with random weights in float16; a real checkpoint does not produce it.  Silence keeps the
-            # cache valid and the clip then scores low under CLAP.
-            waveforms = np.nan_to_num(waveforms, nan=0.0, posinf=0.0, neginf=0.0)
-        return waveforms
+        nonfinite = ~np.isfinite(waveforms)
+        counts = nonfinite.sum(axis=1)
+        if counts.any():
+            # Random weights (in float16 especially) produce it; silence keeps the cache valid and the clip then
+            # scores low under CLAP.  The counts go into the entry metadata, so a real checkpoint doing it shows.
+            waveforms = np.where(nonfinite, np.float32(0.0), waveforms)
+        return waveforms, counts
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], num_candidates: int) -> list[np.ndarray]:
+        """K clips ``[K, S]`` per prompt; `last_nan_samples` then holds each prompt's NaN/Inf counts ``[K]``."""
+        self.last_nan_samples = []
         if not prompts:
             return []
-        waveforms = self.decode(self.denoise(prompts, seeds, num_candidates))
+        waveforms, counts = self.decode_counting_nan(self.denoise(prompts, seeds, num_candidates))
+        self.last_nan_samples = [counts[i * num_candidates:(i + 1) * num_candidates] for i in range(len(prompts))]
+        if self.warn_on_nan and counts.any():
+            affected = [f"{prompt!r} ({int(c.astype(bool).sum())} of {num_candidates} clips, {int(c.sum())} samples)"
+                        for prompt, c in zip(prompts, self.last_nan_samples) if c.any()]
+            warnings.warn(f"stable_audio: decoded audio held NaN/Inf samples, replaced with silence: "
+                          f"{'; '.join(affected)}", RuntimeWarning, stacklevel=2)
         return [waveforms[i * num_candidates:(i + 1) * num_candidates] for i in range(len(prompts))]

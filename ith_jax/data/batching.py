@@ -39,8 +39,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ith_jax.data.auditorybench import EncodedExample
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
+from ith_jax.data.records import EncodedExample
 
 DEFAULT_BUCKETS = (32, 48, 64, 96, 128)
 IGNORE_LABEL = -100

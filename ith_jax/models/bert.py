@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError
 
 HiddenHook = Callable[[int, jax.Array], jax.Array]
 

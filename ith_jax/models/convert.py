@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ith_jax.errors import UserError
+from ith_common import hub
+from ith_common.errors import UserError
 from ith_jax.models.bert import BertConfig, BertForMaskedLM, BertForTokenClassification, BertModel
 
 LOGGER = logging.getLogger("ith_jax")
@@ -39,54 +40,14 @@ HUB_ALLOW_PATTERNS = [
     "special_tokens_map.json",
 ]
 
-# A Hugging Face repo id: "name" or "namespace/name".
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
 # Buffers that Hugging Face saves with the weights but that are not parameters.
 _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
 
 
-def _looks_like_local_path(text: str) -> bool:
-    if text.startswith((".", "~")) or os.path.isabs(text):
-        return True
-    if os.sep != "/" and os.sep in text:
-        return True
-    # "namespace/name" is how hub ids look, so a single "/" alone does not make a path local.
-    return _HUB_ID.match(text) is None
-
-
 def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory for ``path_or_id``: the directory itself (made absolute), or a hub snapshot.
-
-    Hub downloads go through ``huggingface_hub.snapshot_download`` (only config, weights and tokenizer files),
-    with ``local_files_only=True`` when ``HF_HUB_OFFLINE`` is set. Failures become a ``UserError`` that says
-    how to point at a local copy instead.
-    """
-    text = os.fspath(path_or_id)
-    local = Path(text).expanduser()
-    if local.is_dir():
-        return local.absolute()
-    if local.exists():
-        raise UserError(f"text_model path {text} is a file; expected a checkpoint directory with config.json")
-    if _looks_like_local_path(text):
-        raise UserError(f"text_model path {text} does not exist")
-
-    import huggingface_hub  # deferred: only hub ids need it
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-    try:
-        snapshot = huggingface_hub.snapshot_download(
-            repo_id=text, local_files_only=offline, allow_patterns=HUB_ALLOW_PATTERNS
-        )
-    except Exception as error:  # every hub failure (offline, unknown repo, network) means the same to the user
-        reason = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else type(error).__name__
-        name = text.rsplit("/", 1)[-1]
-        raise UserError(
-            f"text_model {text} is not a local directory and could not be fetched from the Hugging Face hub "
-            f"({reason}); download the checkpoint where there is internet access and pass the local directory, "
-            f"e.g. --config.text_model=/path/to/{name}"
-        ) from None
-    return Path(snapshot)
+    """A local checkpoint directory for ``path_or_id`` (the directory itself, or a hub snapshot of only the config,
+    weight and tokenizer files): `ith_common.hub.resolve_checkpoint_dir`, the project's one resolver."""
+    return hub.resolve_checkpoint_dir(path_or_id, what="text_model", allow_patterns=HUB_ALLOW_PATTERNS)
 
 
 def _read_config_json(ckpt_dir: Path) -> dict:

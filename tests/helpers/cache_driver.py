@@ -5,7 +5,8 @@
 
 Entry i has prompt `prompt_for(i)` (including hostile ones: path traversal, NUL, 10,000 characters, emoji) and
 contents that depend on i alone (`expected_entry(i)`), so a test can check every entry after any number of
-kills and reruns.  Keys already finished are skipped, as build_cache does.  Prints one JSON summary line (after `committed I` lines with --progress).
+kills and reruns.  Keys already finished are skipped, as build_cache does.  Prints one JSON summary line (after
+`committed I` lines with --progress); errors are one `error: ...` line on stderr, as in every entry point.
 """
 
 import argparse
@@ -14,7 +15,8 @@ import sys
 
 import numpy as np
 
-from audio_gen.cache import CacheEntry, CacheWriter, entry_key
+from ith_common.cache import CacheEntry, CacheWriter, entry_key
+from ith_common.errors import run_main
 
 GENERATOR = {"name": "driver", "steps": 3}
 ENCODER = {"name": "driver-encoder", "num_tokens": 8}
@@ -54,7 +56,7 @@ def expected_entry(i: int, dim: int, waveforms: bool) -> CacheEntry:
                       sample_rate=SAMPLE_RATE if waveforms else None)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("cache_dir")
     parser.add_argument("--entries", type=int, required=True)
@@ -64,7 +66,7 @@ def main() -> int:
     parser.add_argument("--waveforms", action="store_true")
     parser.add_argument("--progress", action="store_true", help="print 'committed I' after each entry")
     parser.add_argument("--commit-every", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     added = skipped = 0
     with CacheWriter(args.cache_dir, fingerprint=fingerprint(args.dim), num_shards=args.num_shards,
                      shard_index=args.shard_index, store_waveforms=args.waveforms,
@@ -85,4 +87,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # cache errors: one `error: ...` line, exit 1 (OS) or 2

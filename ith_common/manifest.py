@@ -7,7 +7,7 @@ A manifest is a JSON Lines file, one object per sentence (format in `docs/manife
      "spans": [{"text": "Squeal", "start": 0, "end": 6, "confidence": null}],
      "gold_spans": [{"text": "Squeal", "start": 0, "end": 6}], "detector": "gold"}
 
-This module imports neither torch nor jax (standard library only) because both halves use it.
+Standard library only: both halves use it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Iterable, Iterator
 
-from audio_gen.errors import AudioGenError
+from ith_common.atomic import atomic_write_bytes
+from ith_common.errors import UserError
 
 SCHEMA_VERSION = 1
 TASKS = ("pitch", "animal")
@@ -30,7 +30,7 @@ SPAN_KEYS = ("text", "start", "end", "confidence")
 GOLD_SPAN_KEYS = ("text", "start", "end")
 
 
-class ManifestError(AudioGenError):
+class ManifestError(UserError):
     """A manifest record or file that breaks the schema; the message names file, line and field."""
 
 
@@ -214,31 +214,6 @@ def write_manifest(records: Iterable[dict], path: str | os.PathLike) -> None:
         first_line_of_id[record["id"]] = line_number
         lines.append(json.dumps(_canonical_record(record), ensure_ascii=False, allow_nan=False))
     atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
-
-
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    directory = path.parent if str(path.parent) else pathlib.Path(".")
-    if not directory.is_dir():
-        raise ManifestError(f"{path}: cannot write: directory {directory} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def iter_spans(records: Iterable[dict]) -> Iterator[tuple[str, int, str]]:

@@ -1,10 +1,14 @@
 """Command-line loading of ml_collections config files: ``--config path[:variant]`` plus overrides.
 
-Mirrors what ``ml_collections.config_flags`` does, without absl flags, so that every entry point (the JAX
-trainer, the evaluator, and the torch sidecar's ``build_cache``) parses configs the same way. This module
-imports neither jax nor torch: ``audio_gen`` uses it too.
+Mirrors what ``ml_collections.config_flags`` does, without absl flags (whose global flag registry does not mix
+with the entry points' argparse options), so that every entry point (the JAX trainer, the evaluator, and the
+torch sidecar's ``build_cache``) parses configs the same way.  Only public ml_collections API is used.
 
     python -m ith_jax.train --config configs/lm.py:minilm --config.batch_size=16 --config.eval_files='("a.csv",)'
+    python -m ith_common.config --config configs/lm.py:minilm     # prints the resolved config
+
+Config files choose their variants with `parse_variants`: comma-separated names, each from a named group;
+two names from one group (``lm.py:tiny,minilm``) and unknown names are errors.
 
 Override values are parsed as Python literals when they look like one and checked against the type of the
 default; ``--config.key value`` (space-separated) works as well. Unknown keys are an error.
@@ -21,9 +25,31 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from ith_jax.errors import UserError
+from ith_common.errors import UserError, run_main
 
-__all__ = ["load_config", "load_config_file", "apply_override", "config_to_json"]
+__all__ = ["load_config", "load_config_file", "apply_override", "config_to_json", "parse_variants"]
+
+
+def parse_variants(arg: str | None, groups: dict[str, tuple[str, ...]], *, config: str) -> dict[str, str | None]:
+    """``'minilm,animal'`` with groups ``{"size": ("base", "minilm"), "task": ("pitch", "animal")}`` ->
+    ``{"size": "minilm", "task": "animal"}``; a group not named maps to None.  Order-free.
+
+    ``config`` names the config file in messages.  Unknown names and two names of one group are `UserError`s.
+    """
+    chosen: dict[str, str | None] = {group: None for group in groups}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        group = next((g for g, names in groups.items() if part in names), None)
+        if group is None:
+            known = ", ".join(name for names in groups.values() for name in names)
+            raise UserError(f"{config}: unknown variant {part!r} (known: {known})")
+        if chosen[group] is not None and chosen[group] != part:
+            raise UserError(f"{config}: variants {chosen[group]!r} and {part!r} conflict "
+                            f"(choose one {group}: {', '.join(groups[group])})")
+        chosen[group] = part
+    return chosen
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -97,9 +123,10 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str)
     if leaf not in node:
         known = ", ".join(sorted(node.keys()))
         raise UserError(f"unknown config key --config.{dotted_key} (known keys here: {known})")
-    field = node.get_ref(leaf) if hasattr(node, "get_ref") else None
-    field_type = getattr(field, "_field_type", None) if field is not None else None
     current = node[leaf]
+    field_type = node.get_type(leaf)
+    if field_type is type(None):
+        field_type = None
     if isinstance(current, ml_collections.ConfigDict):
         raise UserError(f"--config.{dotted_key} is a group; set one of its keys instead")
     value = _coerce(dotted_key, raw, current, field_type)
@@ -153,10 +180,13 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-if __name__ == "__main__":  # python -m ith_jax.config_cli --config ... : prints the resolved config
-    try:
-        cfg, _ = load_config(sys.argv[1:])
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(config_to_json(cfg))
+def main(argv: Sequence[str] | None = None) -> int:
+    config, rest = load_config(sys.argv[1:] if argv is None else argv)
+    if rest:
+        raise UserError(f"unexpected arguments: {' '.join(rest)}")
+    print(config_to_json(config))
+    return 0
+
+
+if __name__ == "__main__":  # python -m ith_common.config --config ... : prints the resolved config
+    sys.exit(run_main(main))

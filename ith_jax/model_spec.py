@@ -1,0 +1,117 @@
+"""What a model *is*, as data: the spec every checkpoint stores and the one function that builds a model from it.
+
+``ModelSpec`` (head, BERT config, compute dtype, number of labels, fusion config) is written into the metadata
+of every checkpoint, so a workdir alone is enough to rebuild its model: ``build_model(spec)`` gives a model of
+exactly that shape (random weights, to be replaced by the restored ones), and ``evaluate``/``detect`` need
+neither the config file nor the text_model checkpoint's weights.  Training builds the same way, with
+``pretrained=`` naming the Hugging Face checkpoint whose weights it starts from.
+
+``fusion`` is None for the text-only models; the audio-fused LM puts its fusion config there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ith_common.errors import UserError
+from ith_jax.models import bert, convert
+
+HEADS = ("mlm", "token_classification")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    head: str  # "mlm" (BertForMaskedLM) | "token_classification" (BertForTokenClassification)
+    bert: Mapping[str, Any]  # BertConfig.to_dict()
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    num_labels: int | None = None  # token_classification only
+    fusion: Mapping[str, Any] | None = None  # the audio-fusion config; None for text-only models
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise UserError(f"model spec: head={self.head!r}; expected one of {', '.join(HEADS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model spec: dtype={self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.head == "token_classification":
+            if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+                raise UserError(f"model spec: num_labels={self.num_labels!r}; expected a positive integer "
+                                "for a token_classification head")
+        elif self.num_labels is not None:
+            raise UserError(f"model spec: num_labels={self.num_labels!r}; expected null for head {self.head!r}")
+        if self.fusion is not None:
+            raise UserError("model spec: fusion is set, but this version builds text-only models (fusion null)")
+        # Normalise through BertConfig: it checks every field and fills the defaults, so two specs of one
+        # architecture compare equal however they were written.
+        object.__setattr__(self, "bert", self.bert_config.to_dict())
+
+    @property
+    def bert_config(self) -> bert.BertConfig:
+        return bert.BertConfig.from_dict(self.bert, source="model spec bert")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "bert": dict(self.bert), "dtype": self.dtype, "num_labels": self.num_labels,
+                "fusion": None if self.fusion is None else dict(self.fusion)}
+
+    @classmethod
+    def from_dict(cls, values: Any, *, source: str) -> ModelSpec:
+        """The spec stored as JSON (``to_dict``); ``source`` (e.g. the checkpoint directory) prefixes errors."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(values, Mapping):
+            raise UserError(f"{source}: model_spec is {type(values).__name__}; expected an object")
+        unknown = sorted(set(values) - set(fields))
+        missing = [name for name in ("head", "bert") if name not in values]
+        if unknown or missing:
+            raise UserError(f"{source}: model_spec has unknown keys {unknown} / lacks {missing}; "
+                            f"expected the keys {', '.join(fields)}")
+        if not isinstance(values["bert"], Mapping):
+            raise UserError(f"{source}: model_spec.bert is {type(values['bert']).__name__}; expected an object")
+        try:
+            return cls(**values)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
+
+    def differences(self, other: ModelSpec) -> list[tuple[str, Any, Any]]:
+        """``(key, self's value, other's value)`` for every field that differs (BERT fields as ``bert.<name>``)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        found = []
+        for key in mine:
+            if key == "bert":
+                found += [(f"bert.{name}", mine["bert"].get(name), theirs["bert"].get(name))
+                          for name in sorted(set(mine["bert"]) | set(theirs["bert"]))
+                          if mine["bert"].get(name) != theirs["bert"].get(name)]
+            elif mine[key] != theirs[key]:
+                found.append((key, mine[key], theirs[key]))
+        return found
+
+
+def spec_from_config(config: ml_collections.ConfigDict, head: str, num_labels: int | None = None) -> ModelSpec:
+    """The spec a trainer config asks for: the text_model checkpoint's BertConfig, with ``config.model``'s
+    overrides when ``random_init`` (a pretrained model keeps its checkpoint's shape)."""
+    ckpt_dir = convert.resolve_checkpoint_dir(config.text_model)
+    values = convert.config_from_checkpoint(ckpt_dir).to_dict()
+    if config.random_init:
+        values.update({k: v for k, v in config.model.to_dict().items() if v is not None})
+    return ModelSpec(head=head, bert=values, dtype=config.dtype, num_labels=num_labels)
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0, pretrained: str | None = None) -> nnx.Module:
+    """The model ``spec`` describes: freshly initialised from ``seed``, or with the weights of the Hugging Face
+    checkpoint ``pretrained`` (whose architecture must be the spec's)."""
+    dtype = DTYPES[spec.dtype]
+    if pretrained is not None:
+        model, info = convert.load_pretrained(pretrained, spec.head, num_labels=spec.num_labels, dtype=dtype,
+                                              seed=seed)
+        if info.config.to_dict() != dict(spec.bert):
+            raise UserError(f"{info.checkpoint_dir}: its config.json is not the architecture of the model spec "
+                            f"({info.config} vs {spec.bert_config})")
+        return model
+    rngs = nnx.Rngs(params=seed)
+    if spec.head == "mlm":
+        return bert.BertForMaskedLM(spec.bert_config, dtype=dtype, rngs=rngs)
+    return bert.BertForTokenClassification(spec.bert_config, spec.num_labels, dtype=dtype, rngs=rngs)
