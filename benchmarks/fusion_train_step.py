@@ -78,12 +78,10 @@ from mlm_train_step import (  # noqa: E402
     LEARNING_RATE,
     SIZES,
     WEIGHT_DECAY,
-    _busy_cpu_seconds,
-    _children_cpu_seconds,
     load_average,
     model_flops_per_step,
+    run_measurement,
     time_steps,
-    wait_until_idle,
 )
 
 FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "torch-eager-loop", "ith")
@@ -485,31 +483,12 @@ def run_worker(kind: str, settings: dict) -> dict:
 
 
 def spawn(kind: str, settings: dict, args, timeout_s: float) -> dict:
-    """Runs one measurement in a fresh interpreter; adds how much CPU other processes used meanwhile."""
+    """One measurement of this script's ``--worker`` in a fresh interpreter (``mlm_train_step.run_measurement``)."""
     command = [sys.executable, __file__, "--worker", kind, "--worker-settings", json.dumps(settings)]
     environment = dict(os.environ)
     if settings["device"] == "cpu":
         environment["JAX_PLATFORMS"] = "cpu"  # a CUDA jaxlib on a CPU run would otherwise take the GPU
-    idle_before = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
-    started, machine_before, ours_before = time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds()
-    try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False,
-                                  env=environment)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    wall = time.perf_counter() - started
-    machine_after, ours_after = _busy_cpu_seconds(), _children_cpu_seconds()
-    for line in finished.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line.removeprefix("RESULT "))
-            result.update(wall_s=wall, other_cores_before=idle_before)
-            if machine_before is not None and machine_after is not None:
-                # CPU the rest of the machine used while the worker ran, in cores (0 = we had it to ourselves).
-                others = (machine_after - machine_before) - (ours_after - ours_before)
-                result["other_cores"] = max(others, 0.0) / wall
-            return result
-    tail = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit {finished.returncode}: {tail[:300]}"}
+    return run_measurement(command, wait_idle_s=args.wait_idle, timeout_s=timeout_s, env=environment)
 
 
 def machine_name(device: str) -> str:

@@ -265,18 +265,13 @@ def wait_until_idle(max_wait_s: float, threshold_cores: float = 0.15) -> float |
             return used
 
 
-def spawn(worker: str, args, timeout_s: float) -> dict:
-    """Runs one measurement in a fresh interpreter; adds how much CPU other processes used meanwhile."""
-    command = [
-        sys.executable, __file__, "--worker", worker,
-        "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--masks", str(args.masks),
-        "--warmup", str(args.warmup), "--runs", str(args.runs), "--steps-per-run", str(args.steps_per_run),
-        "--peak-runs", str(args.peak_runs),
-    ]  # fmt: skip
-    idle_before = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else None
+def run_measurement(command: list[str], *, wait_idle_s: float, timeout_s: float, env: dict | None = None) -> dict:
+    """Runs one measurement worker in a fresh interpreter and parses its ``RESULT {json}`` line; adds the wall
+    time and how much CPU other processes used meanwhile (benchmarks/fusion_train_step.py uses it too)."""
+    idle_before = wait_until_idle(wait_idle_s) if wait_idle_s > 0 else None
     started, machine_before, ours_before = time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds()
     try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     wall = time.perf_counter() - started
@@ -284,15 +279,25 @@ def spawn(worker: str, args, timeout_s: float) -> dict:
     for line in finished.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line.removeprefix("RESULT "))
-            result["wall_s"] = wall
-            result["other_cores_before"] = idle_before
+            result.update(wall_s=wall, other_cores_before=idle_before)
             if machine_before is not None and machine_after is not None:
                 # CPU the rest of the machine used while the worker ran, in cores (0 = we had it to ourselves).
                 others = (machine_after - machine_before) - (ours_after - ours_before)
                 result["other_cores"] = max(others, 0.0) / wall
             return result
     tail = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit {finished.returncode}: {tail[:200]}"}
+    return {"error": f"exit {finished.returncode}: {tail[:300]}"}
+
+
+def spawn(worker: str, args, timeout_s: float) -> dict:
+    """One measurement of this script's ``--worker`` in a fresh interpreter."""
+    command = [
+        sys.executable, __file__, "--worker", worker,
+        "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--masks", str(args.masks),
+        "--warmup", str(args.warmup), "--runs", str(args.runs), "--steps-per-run", str(args.steps_per_run),
+        "--peak-runs", str(args.peak_runs),
+    ]  # fmt: skip
+    return run_measurement(command, wait_idle_s=args.wait_idle, timeout_s=timeout_s)
 
 
 def load_average() -> str:
