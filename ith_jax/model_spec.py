@@ -6,7 +6,8 @@ exactly that shape (random weights, to be replaced by the restored ones), and ``
 neither the config file nor the text_model checkpoint's weights.  Training builds the same way, with
 ``pretrained=`` naming the Hugging Face checkpoint whose weights it starts from.
 
-``fusion`` is None for the text-only models; the audio-fused LM puts its fusion config there.
+``fusion`` is None for the text-only models; the audio-fused LM (``ith_jax.models.fusion``, an ``mlm`` head)
+puts its resolved ``FusionConfig`` there, so the fused model is rebuilt from the workdir like any other.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from ith_common.errors import UserError
 from ith_jax.models import bert, convert
+from ith_jax.models import fusion as fusion_lib
 
 HEADS = ("mlm", "token_classification")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,11 +47,22 @@ class ModelSpec:
                                 "for a token_classification head")
         elif self.num_labels is not None:
             raise UserError(f"model spec: num_labels={self.num_labels!r}; expected null for head {self.head!r}")
-        if self.fusion is not None:
-            raise UserError("model spec: fusion is set, but this version builds text-only models (fusion null)")
-        # Normalise through BertConfig: it checks every field and fills the defaults, so two specs of one
-        # architecture compare equal however they were written.
+        # Normalise through BertConfig (and FusionConfig): they check every field and fill the defaults, so
+        # two specs of one architecture compare equal however they were written.
         object.__setattr__(self, "bert", self.bert_config.to_dict())
+        if self.fusion is not None:
+            if self.head != "mlm":
+                raise UserError(f"model spec: fusion is set for head {self.head!r}; expected it only with 'mlm'")
+            if not isinstance(self.fusion, Mapping):
+                raise UserError(f"model spec: fusion is {type(self.fusion).__name__}; expected an object or null")
+            resolved = self.fusion_config.resolve(self.bert_config)
+            object.__setattr__(self, "fusion", resolved.to_dict())
+
+    @property
+    def fusion_config(self) -> fusion_lib.FusionConfig | None:
+        if self.fusion is None:
+            return None
+        return fusion_lib.FusionConfig.from_dict(dict(self.fusion), source="model spec fusion")
 
     @property
     def bert_config(self) -> bert.BertConfig:
@@ -90,19 +104,36 @@ class ModelSpec:
         return found
 
 
-def spec_from_config(config: ml_collections.ConfigDict, head: str, num_labels: int | None = None) -> ModelSpec:
+def spec_from_config(config: ml_collections.ConfigDict, head: str, num_labels: int | None = None, *,
+                     audio_dim: int | None = None) -> ModelSpec:
     """The spec a trainer config asks for: the text_model checkpoint's BertConfig, with ``config.model``'s
-    overrides when ``random_init`` (a pretrained model keeps its checkpoint's shape)."""
+    overrides when ``random_init`` (a pretrained model keeps its checkpoint's shape); with ``audio_dim`` (the
+    cache's token width) the fusion config of ``config.fusion_layer`` and ``config.fusion``."""
     ckpt_dir = convert.resolve_checkpoint_dir(config.text_model)
     values = convert.config_from_checkpoint(ckpt_dir).to_dict()
     if config.random_init:
         values.update({k: v for k, v in config.model.to_dict().items() if v is not None})
-    return ModelSpec(head=head, bert=values, dtype=config.dtype, num_labels=num_labels)
+    fusion = None
+    if audio_dim is not None:
+        fusion = fusion_lib.FusionConfig(audio_dim=audio_dim, fusion_layer=config.fusion_layer,
+                                         num_heads=config.fusion.num_heads,
+                                         intermediate_size=config.fusion.intermediate_size).to_dict()
+    return ModelSpec(head=head, bert=values, dtype=config.dtype, num_labels=num_labels, fusion=fusion)
 
 
 def build_model(spec: ModelSpec, *, seed: int = 0, pretrained: str | None = None) -> nnx.Module:
     """The model ``spec`` describes: freshly initialised from ``seed``, or with the weights of the Hugging Face
-    checkpoint ``pretrained`` (whose architecture must be the spec's)."""
+    checkpoint ``pretrained`` (whose architecture must be the spec's). A spec with ``fusion`` wraps that LM in
+    ``FusedMaskedLM``; its projector and fusion layer are drawn from a key of their own (derived from ``seed``),
+    so the LM's initial weights are those of the text-only model."""
+    text_model = _build_text_model(spec, seed=seed, pretrained=pretrained)
+    if spec.fusion is None:
+        return text_model
+    fusion_key = jax.random.fold_in(jax.random.key(seed), 1)
+    return fusion_lib.build_fused_mlm(text_model, spec.fusion_config, rngs=nnx.Rngs(params=fusion_key))
+
+
+def _build_text_model(spec: ModelSpec, *, seed: int, pretrained: str | None) -> nnx.Module:
     dtype = DTYPES[spec.dtype]
     if pretrained is not None:
         model, info = convert.load_pretrained(pretrained, spec.head, num_labels=spec.num_labels, dtype=dtype,

@@ -11,6 +11,10 @@ audio-fused LM reuse the same loop, checkpointing, data parallelism and logging:
 - ``loss(model, batch, rng)`` -> ``(loss, aux)``: traced inside the jitted train step.
 - ``predict(model, batch)`` -> dict of arrays: traced inside the jitted eval step.
 - ``score(split, outputs)`` -> metrics: host-side, from the predictions of every batch of a split.
+
+``MlmTask`` with a config's ``audio`` keys (``configs/lm.py:...,audio``) is the ITH fusion LM: its rows take
+their spans from the span manifests and their audio from the cache (``ith_jax.data.audio``), its model spec
+carries the fusion config, and its metrics add how many spans got audio and the fusion gate's mean on them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ith_jax.data import audio as audio_lib
 from ith_jax.data import auditorybench, batching, mlm, spans
+from ith_jax.models.fusion import span_token_owner
 from ith_common.errors import UserError
 from ith_jax import model_spec as model_spec_lib
 
@@ -43,6 +49,7 @@ class Split:
     encoded: list
     report: Any = None
     choices: list | None = None  # animal multiple choice: one encoded row per (example, option)
+    audio_stats: Any = None  # the fused LM: what happened to the split's spans (audio.AudioStats)
 
 
 def resolve_data_path(config: ml_collections.ConfigDict, path_template: str, task: str | None = None) -> str:
@@ -80,6 +87,27 @@ class MlmTask:
         # (lower, higher): their logits at the mask decide a pitch prediction. encode_mlm checks that each
         # is one word piece of the vocabulary before any pitch row is used.
         self.pitch_ids = np.asarray([tokenizer.token_to_id(w) or 0 for w in auditorybench.PITCH_LABELS], np.int32)
+        self.fused = "audio" in config
+        self._manifests: audio_lib.SpanManifests | None = None
+        self._audio: audio_lib.AudioTable | None = None
+
+    # -- audio (the fused LM only)
+    @property
+    def audio_table(self) -> audio_lib.AudioTable:
+        if self._audio is None:
+            audio = self.config.audio
+            self._audio = audio_lib.AudioTable(audio.cache_dir, selection=audio.selection,
+                                               threshold=audio.clap_threshold, allow_missing=audio.allow_missing)
+        return self._audio
+
+    def _attach_audio(self, path: str, rows: list) -> tuple[list, audio_lib.AudioStats]:
+        if self._manifests is None:
+            self._manifests = audio_lib.SpanManifests(self.config.audio.spans)
+        rows, stats = audio_lib.attach_audio(rows, self._manifests, self.audio_table,
+                                             max_spans=self.config.audio.max_spans)
+        if self.config.audio.shuffle:
+            audio_lib.shuffle_audio(rows, self.config.seed)
+        return rows, stats
 
     # -- data
     def load(self, path: str, *, task: str | None = None, max_examples: int = 0) -> Split:
@@ -99,17 +127,33 @@ class MlmTask:
         if (split_task == "animal" and self.config.get("multiple_choice", False)
                 and any(e.options is not None for e in examples)):
             choices, _ = mlm.encode_choices(examples, self.tokenizer, max_length=self.config.max_length)
+        audio_stats = None
+        if self.fused:
+            encoded, audio_stats = self._attach_audio(path, encoded)
+            logger.info("%s: audio: %s", path, audio_stats.summary())
+            if choices:
+                choices, _ = self._attach_audio(path, choices)
         return Split(path=path, task=split_task, examples=examples, encoded=encoded, report=report,
-                     choices=choices)
+                     choices=choices, audio_stats=audio_stats)
 
     def batches(self, rows: list, *, batch_size: int, shuffle: bool, epoch: int = 0,
                 start_batch: int = 0) -> Iterator[dict]:
         # Mask slots M: the most masks of any row of `rows` (an animal answer's word pieces), so the shapes
         # depend on these rows alone, not on what else was loaded.
         max_masks = max([1, *(len(row.mask_positions) for row in rows)])
-        return batching.iterate_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets),
-                                        max_masks=max_masks, shuffle=shuffle, seed=self.config.seed,
-                                        epoch=epoch, start_batch=start_batch)
+        if not self.fused:
+            return batching.iterate_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets),
+                                            max_masks=max_masks, shuffle=shuffle, seed=self.config.seed,
+                                            epoch=epoch, start_batch=start_batch)
+        return self._with_audio(batching.iterate_batches(
+            rows, batch_size=batch_size, buckets=tuple(self.config.buckets), max_masks=max_masks,
+            max_spans=self.config.audio.max_spans, shuffle=shuffle, seed=self.config.seed, epoch=epoch,
+            start_batch=start_batch, with_audio=True))
+
+    def _with_audio(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            audio_lib.gather_audio(batch, self.audio_table)
+            yield batch
 
     def num_batches(self, rows: list, *, batch_size: int) -> int:
         return batching.num_batches(rows, batch_size=batch_size, buckets=tuple(self.config.buckets))
@@ -125,12 +169,19 @@ class MlmTask:
 
     # -- model
     def model_spec(self) -> model_spec_lib.ModelSpec:
-        return model_spec_lib.spec_from_config(self.config, "mlm")
+        return model_spec_lib.spec_from_config(self.config, "mlm",
+                                               audio_dim=self.audio_table.audio_dim if self.fused else None)
 
-    def _logits(self, model, batch, *, deterministic: bool, rng=None) -> jax.Array:
+    def _logits(self, model, batch, *, deterministic: bool, rng=None, return_gate: bool = False):
         rngs = None if deterministic else nnx.Rngs(dropout=rng)
+        if not self.fused:
+            return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                         positions=batch["mask_positions"], deterministic=deterministic, rngs=rngs)
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                     positions=batch["mask_positions"], deterministic=deterministic, rngs=rngs)
+                     audio_tokens=batch["audio_tokens"], audio_mask=batch["audio_mask"],
+                     span_ranges=batch["span_ranges"], span_mask=batch["span_mask"],
+                     span_has_audio=batch["span_has_audio"], positions=batch["mask_positions"],
+                     deterministic=deterministic, rngs=rngs, return_gate=return_gate)
 
     def loss(self, model, batch, rng) -> tuple[jax.Array, dict]:
         logits = self._logits(model, batch, deterministic=False, rng=rng)
@@ -140,13 +191,25 @@ class MlmTask:
         return loss, {}
 
     def predict(self, model, batch) -> dict:
-        logits = self._logits(model, batch, deterministic=True).astype(jnp.float32)
+        extra = {}
+        if self.fused:
+            logits, gate = self._logits(model, batch, deterministic=True, return_gate=True)
+            # The tokens that took audio (the model's own rule: a used slot with accepted, non-empty audio).
+            fused = batch["span_mask"].astype(bool) & batch["span_has_audio"].astype(bool) & jnp.any(
+                batch["audio_mask"], axis=-1)
+            on_span = span_token_owner(batch["span_ranges"], fused, gate.shape[1]) >= 0
+            extra = {"gate_sum": jnp.sum(jnp.where(on_span, gate, 0.0), axis=1),  # [B]
+                     "gate_count": jnp.sum(on_span, axis=1).astype(jnp.int32)}  # [B]
+        else:
+            logits = self._logits(model, batch, deterministic=True)
+        logits = logits.astype(jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         label_log_prob = jnp.take_along_axis(log_probs, batch["mask_label_ids"][..., None], axis=-1)[..., 0]
         return {
             "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),  # [B, M]
             "label_log_prob": label_log_prob,  # [B, M], for multiple choice
             "pitch_logits": logits[:, 0, :][:, self.pitch_ids],  # [B, 2]: (lower, higher) at the first mask
+            **extra,
         }
 
     # -- metrics
@@ -163,6 +226,11 @@ class MlmTask:
             else:  # every word piece of the answer must be right
                 correct.append(bool(np.all(out["pred_ids"][:n] == np.asarray(row.mask_label_ids)[:n])))
         metrics = {"accuracy": float(np.mean(correct)), "num_examples": len(correct)}
+        if split.audio_stats is not None:
+            gate_count = sum(int(main[i]["gate_count"]) for i in range(len(split.encoded)))
+            gate_sum = sum(float(main[i]["gate_sum"]) for i in range(len(split.encoded)))
+            metrics.update(spans=split.audio_stats.spans, spans_with_audio=split.audio_stats.with_audio,
+                           gate_mean=gate_sum / gate_count if gate_count else float("nan"))
         if "choices" in outputs:
             metrics["multiple_choice_accuracy"] = self._choice_accuracy(split, outputs["choices"])
         return metrics

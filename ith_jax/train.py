@@ -186,6 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     spec = task.model_spec()
     logger.info("model: %s head, %s, %s", spec.head, "random init" if config.random_init else config.text_model,
                 spec.bert_config)
+    if spec.fusion is not None:
+        logger.info("audio fusion: %s", spec.fusion)
     model = model_spec_lib.build_model(spec, seed=config.seed,
                                        pretrained=None if config.random_init else config.text_model)
     graphdef, params, rest = trainer_lib.split_model(model)

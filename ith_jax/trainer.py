@@ -29,6 +29,7 @@ from flax import nnx
 
 from ith_common.atomic import atomic_output
 from ith_common.errors import TrainingDiverged, UserError
+from ith_common.selection import RULES as SELECTION_RULES
 from ith_jax import checkpoint as checkpoint_lib
 from ith_jax import mesh as mesh_lib
 from ith_jax import model_spec as model_spec_lib
@@ -114,6 +115,7 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_batch_size": _int_at_least(1),
     "learning_rate": _number(0.0, low_open=True),
     "warmup_ratio": _number(0.0, 1.0),
+    "lr_schedule": _one_of("linear", "cosine"),
     "weight_decay": _number(0.0),
     "adam_b1": _number(0.0, 1.0, high_open=True),
     "adam_b2": _number(0.0, 1.0, high_open=True),
@@ -125,6 +127,17 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_checkpoints": _int_at_least(1),  # 0 would leave nothing to resume from
     "progress_bar": _BOOL,
     "multiple_choice": _BOOL,
+    # The audio-fused LM (configs/lm.py:...,audio); absent from the text-only configs.
+    "audio.spans": _FILES,
+    "audio.cache_dir": _TEXT,
+    "audio.selection": _one_of(*SELECTION_RULES),
+    "audio.clap_threshold": _number(-1.0, 1.0),  # a cosine similarity
+    "audio.allow_missing": _BOOL,
+    "audio.max_spans": _int_at_least(1),
+    "audio.shuffle": _BOOL,
+    "fusion_layer": _int_at_least(0),
+    "fusion.num_heads": _OPTIONAL_SIZE,
+    "fusion.intermediate_size": _OPTIONAL_SIZE,
     "distributed.coordinator_address": _STRING,
     "distributed.num_processes": _int_at_least(1),
     "distributed.process_id": _int_at_least(0),
@@ -154,6 +167,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.max_length > max(config.buckets):
         raise UserError(f"config key max_length={config.max_length}: expected at most the largest bucket "
                         f"{max(config.buckets)} (buckets={tuple(config.buckets)})")
+    if "audio" in config and config.head != "mlm":
+        raise UserError(f"config key audio: audio fusion needs head 'mlm', not {config.head!r}")
     if config.distributed.process_id >= config.distributed.num_processes:
         raise UserError(f"config key distributed.process_id={config.distributed.process_id}: expected less than "
                         f"distributed.num_processes={config.distributed.num_processes}")
@@ -162,13 +177,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # What decides the data order and a resumed run's position in it: a resume with other values would continue
 # at the wrong place of another data stream, so it is refused. (Optimizer keys, num_epochs and max_steps may
 # change: e.g. resuming with a lower learning rate.)
+# The audio keys decide which audio each training row hears, so they are part of the stream too.
 RESUME_KEYS = ("head", "task", "train_files", "max_train_examples", "strict_data", "max_length", "buckets",
-               "batch_size", "seed")
+               "batch_size", "seed", "audio")
 
 
 def resume_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The RESUME_KEYS of ``config`` as JSON values (tuples become lists, as in a checkpoint's metadata)."""
-    return json.loads(json.dumps({key: config[key] for key in RESUME_KEYS}))
+    """The RESUME_KEYS of ``config`` as JSON values (tuples become lists, as in a checkpoint's metadata);
+    ``audio`` is null for a text-only config."""
+    values = {key: config[key] if key in config else None for key in RESUME_KEYS}
+    if values["audio"] is not None:
+        values["audio"] = values["audio"].to_dict()
+    return json.loads(json.dumps(values))
 
 
 def check_resume_values(saved: dict | None, config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -202,11 +222,16 @@ def decay_mask(params: dict) -> dict:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then ``lr_schedule``: ``linear`` decay to 0 (the
+    default), or ``cosine`` decay to 0 (ITH's, transformers' get_cosine_schedule_with_warmup)."""
     warmup = int(round(config.warmup_ratio * total_steps))
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
-         optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1))],
-        boundaries=[warmup])
+    decay_steps = max(total_steps - warmup, 1)
+    if config.get("lr_schedule", "linear") == "cosine":
+        decay = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+    else:
+        decay = optax.linear_schedule(config.learning_rate, 0.0, decay_steps)
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)), decay],
+                                boundaries=[warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

@@ -27,6 +27,7 @@ example_index      [B]           int32    index into ``encoded``; -1 for pad row
 span_ranges        [B, S, 2]     int32    (start, end) token range of each gold span found; 0 unused
 span_mask          [B, S]        int32    1 for a used span slot
 token_labels       [B, L]        int32    BIO tags, -100 ignored (only with ``with_token_labels``)
+span_audio_index   [B, S]        int32    audio-table row of each span's audio, -1 none (only with ``with_audio``)
 =================  ============  =======  ======================================================
 
 L is the bucket, M = ``max_masks`` (None: the most masks of any example in ``encoded``; pass it
@@ -112,7 +113,7 @@ def num_batches(
     return int(per_bucket.sum())
 
 
-def _validate(encoded, max_masks: int, max_spans: int, with_token_labels: bool) -> None:
+def _validate(encoded, max_masks: int, max_spans: int, with_token_labels: bool, with_audio: bool) -> None:
     for e in encoded:
         if e.mask_positions.shape[0] > max_masks:
             raise UserError(f"{e.example.where}: {e.mask_positions.shape[0]} masks; expected at most max_masks={max_masks}")
@@ -122,10 +123,12 @@ def _validate(encoded, max_masks: int, max_spans: int, with_token_labels: bool) 
             )
         if with_token_labels and e.token_labels is None:
             raise UserError(f"{e.example.where}: no token labels; expected records from encode_spans")
+        if with_audio and getattr(e, "audio_index", None) is None:
+            raise UserError(f"{e.example.where}: no audio indices; expected records from ith_jax.data.audio")
 
 
 def _build(encoded, indices: np.ndarray, batch_size: int, length: int, max_masks: int, max_spans: int,
-           with_token_labels: bool, pad_id: int) -> dict[str, np.ndarray]:
+           with_token_labels: bool, pad_id: int, with_audio: bool = False) -> dict[str, np.ndarray]:
     batch = {
         "input_ids": np.full((batch_size, length), pad_id, np.int32),
         "attention_mask": np.zeros((batch_size, length), np.int32),
@@ -140,6 +143,8 @@ def _build(encoded, indices: np.ndarray, batch_size: int, length: int, max_masks
     }
     if with_token_labels:
         batch["token_labels"] = np.full((batch_size, length), IGNORE_LABEL, np.int32)
+    if with_audio:
+        batch["span_audio_index"] = np.full((batch_size, max_spans), -1, np.int32)
     for row, index in enumerate(indices):
         record = encoded[index]
         n = record.length
@@ -154,6 +159,8 @@ def _build(encoded, indices: np.ndarray, batch_size: int, length: int, max_masks
         batch["span_mask"][row, :spans] = 1
         if with_token_labels:
             batch["token_labels"][row, :n] = record.token_labels
+        if with_audio:
+            batch["span_audio_index"][row, :spans] = record.audio_index
     batch["example_weight"][: len(indices)] = 1.0
     batch["example_index"][: len(indices)] = indices
     return batch
@@ -172,6 +179,7 @@ def iterate_batches(
     start_batch: int = 0,
     drop_remainder: bool = False,
     with_token_labels: bool = False,
+    with_audio: bool = False,
     pad_id: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of padded batches (see the module docstring for order, shapes and fields).
@@ -181,9 +189,9 @@ def iterate_batches(
         raise UserError(f"start_batch {start_batch}: expected a non-negative batch number")
     if max_masks is None:
         max_masks = max(1, max((e.mask_positions.shape[0] for e in encoded), default=1))
-    _validate(encoded, max_masks, max_spans, with_token_labels)
+    _validate(encoded, max_masks, max_spans, with_token_labels, with_audio)
     plan = _plan(encoded, batch_size, buckets, shuffle, seed, epoch, drop_remainder)
     return (
-        _build(encoded, indices, batch_size, length, max_masks, max_spans, with_token_labels, pad_id)
+        _build(encoded, indices, batch_size, length, max_masks, max_spans, with_token_labels, pad_id, with_audio)
         for length, indices in plan[start_batch:]
     )
