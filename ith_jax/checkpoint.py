@@ -130,9 +130,14 @@ def _quiet_orbax_threads() -> Iterator[None]:
 def _is_abandoned_io_callback(unraisable) -> bool:
     # When one read or write of a checkpoint fails, orbax closes its event loop while tensorstore still has
     # the others in flight; their completion callbacks then raise "Event loop is closed" with nobody to catch
-    # it. The failure itself was already raised (and reported in one line); these tracebacks say nothing more.
+    # it; and the sibling reads of a damaged checkpoint, abandoned once the first one failed, are garbage-collected
+    # as orbax coroutines that still hold their own read error. The failure itself was already raised (and
+    # reported in one line); these tracebacks say nothing more.
     error = unraisable.exc_value
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine object
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _install_unraisable_filter() -> None:
