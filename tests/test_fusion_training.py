@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.test_audio_data import build_inputs
-from tests.trainer_utils import DATA_DIR, REPO, final_params, losses, run, subprocess_env, train_command
+from tests.trainer_utils import (DATA_DIR, REPO, assert_eight_devices_match_one, final_params, losses, run,
+                                 subprocess_env, train_command)
 
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"AuditoryBench not found at {DATA_DIR}")
 
@@ -141,14 +142,4 @@ def test_eight_devices_match_one_device_for_the_fused_step(tmp_path, inputs):
     overrides = ("--config.max_steps=3", "--config.checkpoint_every_steps=100")
     one = run(fused_command(tmp_path / "one", inputs, *overrides), devices=1)
     eight = run(fused_command(tmp_path / "eight", inputs, *overrides), devices=8)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert eight.returncode == 0, eight.stderr[-3000:]
-    assert "8 devices" in eight.stderr
-    loss_one, loss_eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
-    assert sorted(loss_one) == [1, 2, 3]
-    # The tolerances of tests/test_train.py: float32 reductions in another order.
-    np.testing.assert_allclose([loss_eight[s] for s in (1, 2, 3)], [loss_one[s] for s in (1, 2, 3)], rtol=1e-5)
-    p1, p8 = final_params(tmp_path / "one"), final_params(tmp_path / "eight")
-    assert p1.keys() == p8.keys()
-    for key in p1:
-        np.testing.assert_allclose(p8[key], p1[key], atol=2e-6, err_msg=key)
+    assert_eight_devices_match_one(tmp_path / "one", tmp_path / "eight", one, eight)
