@@ -140,7 +140,21 @@ def _is_abandoned_io_callback(unraisable) -> bool:
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
+class _DropAbandonedOrbaxTasks(logging.Filter):
+    """The same abandoned writes, seen through asyncio: a failed orbax task whose exception nobody retrieved is
+    logged by asyncio ("Task exception was never retrieved") when it is garbage-collected, which may be after
+    the failure was reported (it made a reported failure end in a traceback instead of its one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved")
+                    and f"{os.sep}orbax{os.sep}" in message)
+
+
 def _install_unraisable_filter() -> None:
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedOrbaxTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropAbandonedOrbaxTasks())
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_io_callbacks", False):
         return
