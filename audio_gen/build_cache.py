@@ -19,6 +19,10 @@ Pipeline (ITH's, batched; the settings live in configs/gen.py):
    PNG histogram of the CLAP scores, into the cache directory (both atomically; one pair per shard).
 
 ``--num_shards``/``--shard_index``/``--spans``/``--cache_dir`` are shorthands for the ``--config.*`` keys.
+Under a launcher -- ``torchrun`` (``RANK``/``WORLD_SIZE``, ``LOCAL_RANK`` for the device) or Slurm's ``srun``
+(``SLURM_PROCID``/``SLURM_NTASKS``, ``SLURM_LOCALID``) -- a process given no shard on the command line takes shard
+RANK of WORLD_SIZE, and with ``device=auto`` the GPU ``cuda:<local rank>`` (CPU without CUDA); one log line names
+the variables used.  Shards given on the command line must agree with the launcher's (`apply_launcher`).
 Errors about the input (including a ``cache_dir`` that cannot be written, checked before any model is loaded)
 print ``error: <message>`` and exit with status 2; a failing disk (full, read-only) prints one ``error: <path>:
 <reason>`` line and exits with status 1.  Nothing half-written is left: every cache entry is committed
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -271,6 +276,115 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ launchers
+
+# (launcher, rank variable, world-size variable, local-rank variable), innermost launcher first: torchrun started
+# inside a Slurm step sees both sets, and its own are the ones that number the processes it started.
+LAUNCHER_VARIABLES = (("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                      ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+SHARD_KEYS = ("num_shards", "shard_index")
+
+
+@dataclasses.dataclass(frozen=True)
+class LauncherShard:
+    """This process's place among the processes a launcher started, read from its environment variables."""
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int | None
+    variables: str  # "RANK=1 WORLD_SIZE=2 LOCAL_RANK=1", for the log
+
+
+def _int_variable(environ, name: str, launcher: str) -> int:
+    text = environ[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"environment variable {name}={environ[name]!r} ({launcher}): expected an integer") from None
+    if value < 0:
+        raise UserError(f"environment variable {name}={value} ({launcher}): expected an integer >= 0")
+    return value
+
+
+def launcher_shard(environ) -> LauncherShard | None:
+    """The launcher's rank and world size from ``environ`` (torchrun's variables first, then Slurm's), or None when
+    no launcher started this process.  Half a pair, a non-integer or a rank outside the world is a `UserError`."""
+    for launcher, rank_name, size_name, local_name in LAUNCHER_VARIABLES:
+        present = [name for name in (rank_name, size_name) if name in environ]
+        if not present:
+            continue
+        if len(present) == 1:
+            missing = size_name if present == [rank_name] else rank_name
+            raise UserError(f"environment variable {present[0]} is set but {missing} is not; a {launcher} launch "
+                            f"sets both (unset {present[0]} to run one process)")
+        rank, world_size = _int_variable(environ, rank_name, launcher), _int_variable(environ, size_name, launcher)
+        if world_size < 1 or rank >= world_size:
+            raise UserError(f"environment variables {rank_name}={rank} {size_name}={world_size} ({launcher}): "
+                            f"expected 0 <= {rank_name} < {size_name}")
+        local_rank = _int_variable(environ, local_name, launcher) if local_name in environ else None
+        shown = [f"{rank_name}={rank}", f"{size_name}={world_size}"]
+        if local_rank is not None:
+            shown.append(f"{local_name}={local_rank}")
+        return LauncherShard(launcher, rank, world_size, local_rank, " ".join(shown))
+    return None
+
+
+def _launcher_device(shard: LauncherShard) -> str:
+    """The device of a launched process whose config says ``auto``: its local rank's GPU, else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if shard.local_rank is None:
+        return "auto"  # no local rank to choose by: the usual automatic choice
+    count = torch.cuda.device_count()
+    if shard.local_rank < count:
+        return f"cuda:{shard.local_rank}"
+    if count == 1:  # the launcher already gave each process its own GPU (CUDA_VISIBLE_DEVICES per task)
+        return "cuda:0"
+    raise UserError(f"local rank {shard.local_rank} ({shard.variables}) but only {count} CUDA devices are visible; "
+                    "expected one device per process on each machine (or set --config.device)")
+
+
+def apply_launcher(config, *, explicit: set[str], environ=None, log: Callable[[str], None] | None = None):
+    """Sets ``num_shards``/``shard_index`` (and ``device`` when it is ``auto``) from the launcher's variables.
+
+    ``explicit`` names the shard keys given on the command line: those are kept and must agree with the launcher
+    (a process told to be shard 0 of 3 by its flags and 1 of 2 by torchrun is a mistake, not a choice).  The config
+    file's defaults (1 and 0) can't tell "one process" from "not said", which is why the command line decides.
+    Returns the `LauncherShard` used, or None without a launcher (the config is then left alone)."""
+    environ = os.environ if environ is None else environ
+    log = log or (lambda message: print(message, file=sys.stderr))
+    shard = launcher_shard(environ)
+    if shard is None:
+        return None
+    wanted = {"num_shards": shard.world_size, "shard_index": shard.rank}
+    for key in SHARD_KEYS:
+        if key in explicit and int(config[key]) != wanted[key]:
+            raise UserError(f"config key '{key}' is {config[key]} on the command line but the launcher says "
+                            f"{wanted[key]} ({shard.launcher}: {shard.variables}); give matching values or drop "
+                            "--num_shards/--shard_index to take the launcher's")
+    with config.unlocked():
+        config.num_shards, config.shard_index = shard.world_size, shard.rank
+        device_note = f"device {config.device}"
+        if str(config.device).strip() == "auto":
+            config.device = _launcher_device(shard)
+            device_note = f"device auto -> {config.device}"
+    log(f"build_cache: shard {shard.rank} of {shard.world_size} from {shard.launcher}'s {shard.variables}; "
+        f"{device_note}")
+    return shard
+
+
+def explicit_shard_keys(argv: Sequence[str]) -> set[str]:
+    """The shard keys set on the command line (``--config.num_shards[=]...`` or the ``--num_shards`` shorthand)."""
+    found = set()
+    for arg in argv:
+        for key in SHARD_KEYS:
+            if any(arg == flag or arg.startswith(flag + "=") for flag in (f"--config.{key}", f"--{key}")):
+                found.add(key)
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ main loop
 
 def build_cache(config, *, generator=None, scorer=None, encoder=None, log: Callable[[str], None] | None = None,
@@ -468,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = parse_args(argv)
+        apply_launcher(config, explicit=explicit_shard_keys(argv))
         with _os_errors_name(config.cache_dir):
             summary = build_cache(config, quiet=True)
     except KeyboardInterrupt:

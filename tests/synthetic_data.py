@@ -8,20 +8,26 @@ number recorded at the moment it is written (never by running the loader), so th
 loader against an independent account. Besides the README's defects the files hold quoted commas, a
 quoted newline, accents, mixed case, padded fields, multi-piece animal answers and a pitch row whose two
 spans are the same text.
+
+The learnable, defect-free sample for demos is the library's (``ith_jax.data.synthetic``); this module keeps only
+what tests need on top of it: the deliberately planted defects and quirks, and an independent record of them.
+It shares the library's file list, column names and CSV writer, so both write the same format.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FILES = ("animal/train.csv", "animal/dev.csv", "pitch/train.csv", "pitch/dev.csv")
+from ith_jax.data.fetch import SPLIT_FILES
+from ith_jax.data.synthetic import ANIMAL_COLUMNS, PITCH_COLUMNS, csv_text
+
+FILES = SPLIT_FILES
 # The README's defect columns, in its order.
 README_DEFECTS = ("mask_count", "empty_field", "span_not_found", "answer_mismatch")
 
-ANIMAL_HEADER = ("animal", "{span}", "sentence", "A", "B", "C", "D", "Answer")
-PITCH_HEADERS = {"train": ("sentence", "answer", "span1", "span2"), "dev": ("answer", "span2", "sentence", "span1")}
+# Pitch dev in another column order than the real files: the loader must read columns by name.
+PITCH_HEADERS = {"train": PITCH_COLUMNS, "dev": ("answer", "span2", "sentence", "span1")}
 
 # (answer, sound span): single-piece and multi-piece answers (hummingbird, woodpecker, chimpanzee, ...).
 ANIMALS = (
@@ -86,8 +92,9 @@ class SyntheticSplit:
         return role
 
 
-def _animal_split(name: str, span_column: str, rows: int, offset: int) -> SyntheticSplit:
-    split = SyntheticSplit(name, tuple(span_column if c == "{span}" else c for c in ANIMAL_HEADER))
+def _animal_split(name: str, rows: int, offset: int) -> SyntheticSplit:
+    split = SyntheticSplit(name, ANIMAL_COLUMNS[name.split("/")[1].removesuffix(".csv")])
+    span_column = split.column("span")
     for i in range(rows):
         animal, span = ANIMALS[(i + offset) % len(ANIMALS)]
         sentence = ANIMAL_TEMPLATES[i % len(ANIMAL_TEMPLATES)].format(span=span, Span=span.capitalize())
@@ -138,8 +145,8 @@ def _plant_pitch_defects(split: SyntheticSplit, empties: int) -> None:
 
 def build_splits() -> dict[str, SyntheticSplit]:
     splits = {
-        "animal/train.csv": _animal_split("animal/train.csv", "span", 24, 0),
-        "animal/dev.csv": _animal_split("animal/dev.csv", "description", 9, 3),
+        "animal/train.csv": _animal_split("animal/train.csv", 24, 0),
+        "animal/dev.csv": _animal_split("animal/dev.csv", 9, 3),
         "pitch/train.csv": _pitch_split("pitch/train.csv", 30, 0),
         "pitch/dev.csv": _pitch_split("pitch/dev.csv", 10, 2),
     }
@@ -170,9 +177,6 @@ def write_auditorybench(root: Path) -> dict[str, SyntheticSplit]:
     for name, split in splits.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(split.header)
-            writer.writerows(split.rows)
+        path.write_text(csv_text(split.header, split.rows), encoding="utf-8", newline="")
     (root / "README.md").write_text(_readme(splits), encoding="utf-8")
     return splits

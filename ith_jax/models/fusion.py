@@ -247,13 +247,15 @@ class FusedMaskedLM(nnx.Module):
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        per_unit_gate: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Fuses every span's audio into its tokens of ``hidden [B, L, H]``.
 
         ``audio_tokens [B, S, T, D_audio]``, ``audio_mask [B, S, T]`` (True = real token; None = all real),
         ``span_ranges [B, S, 2]``, ``span_fused [B, S]`` (bool). A slot whose audio tokens are all padding is
         not fused. Returns the new hidden states (unfused tokens unchanged) and the gate per token ``[B, L]``
-        float32: the mean over hidden units of g on fused tokens, 0 elsewhere (they keep all their text).
+        float32: the mean over hidden units of g on fused tokens, 0 elsewhere (they keep all their text); with
+        ``per_unit_gate`` the gate itself, ``[B, L, H]`` (for analysis: a mean near 0.5 can hide units that opened).
         """
         batch, length, hidden_size = hidden.shape
         _, num_spans, num_tokens, _ = audio_tokens.shape
@@ -271,6 +273,8 @@ class FusedMaskedLM(nnx.Module):
         )
         is_fused = owner >= 0
         new_hidden = jnp.where(is_fused[..., None], fused.astype(hidden.dtype), hidden)
+        if per_unit_gate:
+            return new_hidden, jnp.where(is_fused[..., None], gate, 0.0)
         return new_hidden, jnp.where(is_fused, jnp.mean(gate, axis=-1), 0.0)
 
     def __call__(
