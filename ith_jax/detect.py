@@ -78,7 +78,6 @@ def encode_for_detection(examples, tokenizer, max_length: int) -> list[EncodedEx
 def detect(workdir: Path, data_files: list[str], *, step: int | None = None, batch_size: int | None = None,
            progress: bool = True) -> tuple[list[dict], str]:
     import jax
-    from tqdm import tqdm
 
     from ith_jax import mesh as mesh_lib
     from ith_jax import tasks as tasks_lib
@@ -98,29 +97,42 @@ def detect(workdir: Path, data_files: list[str], *, step: int | None = None, bat
     predict_step = jax.jit(trainer_lib.make_predict_step(model.graphdef, model.rest, task.predict),
                            out_shardings=mesh_lib.batch_sharded(mesh))
     detector = f"{workdir.resolve()}@{model.step}"
-    max_length = max(config.buckets)
 
     records = []
     cleaning = spans.SpanCleaningStats()  # whole-word decoding and dropped function-word spans, counted
     for path in data_files:
         examples = load_logged(path)
-        rows = encode_for_detection(examples, tokenizer, max_length)
-        detected: dict[int, list[dict]] = {}
-        buckets = tuple(config.buckets)
-        batches = batching.iterate_batches(rows, batch_size=batch_size, buckets=buckets, max_masks=1)
-        total = batching.num_batches(rows, batch_size=batch_size, buckets=buckets)
-        for batch in tqdm(batches, total=total, desc=Path(path).name, unit="batch", disable=not progress):
-            indices = batch.pop("example_index")
-            probs = mesh_lib.to_host(predict_step(params, mesh_lib.put_batch(batch, mesh)))["tag_probs"]
-            for position, index in enumerate(indices):
-                if index >= 0:
-                    row = rows[index]
-                    detected[int(index)] = spans.decode_spans(
-                        probs[position][: row.length], row.offsets, row.sentence, row.special_mask,
-                        stats=cleaning, gold_count=len(gold_spans_of(row.example)))
-        records.extend(make_record(row.example, detected[i], detector) for i, row in enumerate(rows))
+        detected = detect_examples(examples, tokenizer, predict_step, params, mesh, buckets=tuple(config.buckets),
+                                   batch_size=batch_size, cleaning=cleaning, progress=progress,
+                                   desc=Path(path).name)
+        records.extend(make_record(example, found, detector) for example, found in zip(examples, detected))
     logger.info("span cleaning: %s", cleaning.summary())
     return records, detector
+
+
+def detect_examples(examples: list[auditorybench.Example], tokenizer, predict_step, params, mesh, *,
+                    buckets: tuple[int, ...], batch_size: int, cleaning: spans.SpanCleaningStats | None = None,
+                    progress: bool = False, desc: str | None = None) -> list[list[dict]]:
+    """The spans a restored detector (``predict_step`` of ``SpanTask.predict``) finds in each example's
+    sentence, in order: what ``detect`` writes into a manifest and ``ith_jax.api`` hands to the fused LM."""
+    from tqdm import tqdm
+
+    from ith_jax import mesh as mesh_lib
+
+    rows = encode_for_detection(examples, tokenizer, max(buckets))
+    detected: dict[int, list[dict]] = {}
+    batches = batching.iterate_batches(rows, batch_size=batch_size, buckets=buckets, max_masks=1)
+    total = batching.num_batches(rows, batch_size=batch_size, buckets=buckets)
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+        indices = batch.pop("example_index")
+        probs = mesh_lib.to_host(predict_step(params, mesh_lib.put_batch(batch, mesh)))["tag_probs"]
+        for position, index in enumerate(indices):
+            if index >= 0:
+                row = rows[index]
+                detected[int(index)] = spans.decode_spans(
+                    probs[position][: row.length], row.offsets, row.sentence, row.special_mask,
+                    stats=cleaning, gold_count=len(gold_spans_of(row.example)))
+    return [detected[i] for i in range(len(rows))]
 
 
 def load_logged(path: str) -> list[auditorybench.Example]:

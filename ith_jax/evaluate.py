@@ -2,6 +2,7 @@
 
     python -m ith_jax.evaluate --workdir DIR --data FILE [--data FILE ...] [--task pitch|animal]
                                [--step N] [--json OUT] [--spans MANIFEST ...] [--compare TEXT_WORKDIR]
+                               [--predictions OUT.jsonl]
 
 Restores the best-dev checkpoint (or ``--step N`` of the periodic ones), prints a table of metrics per
 file and, with ``--json``, writes them. The workdir alone is enough: the model is rebuilt from the model spec
@@ -12,6 +13,9 @@ output); the audio cache, selection rule and threshold are the workdir's config'
 not in the cache is an error as in training. Its table adds ``spans``, ``spans_with_audio`` and ``gate_mean``
 (the fusion gate's mean on the tokens that took audio). ``--compare TEXT_WORKDIR`` evaluates a text-only
 workdir on the same files and prints both side by side with the majority-class rate of each file.
+``--predictions OUT.jsonl`` writes one record per evaluated row of ``--workdir`` (not of ``--compare``'s):
+the answer, prediction, probabilities, spans with their audio, tokens and gate (docs/api.md); the same path
+as ``ith_jax.load(workdir).predict``.
 """
 
 from __future__ import annotations
@@ -22,43 +26,31 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import jax
-
 from ith_common.atomic import atomic_write_text, check_output_file
 from ith_common.errors import UserError, run_main
-from ith_jax import mesh as mesh_lib
-from ith_jax import tasks as tasks_lib
+from ith_jax import api
 from ith_jax import trainer as trainer_lib
 from ith_jax.data import auditorybench
 
 
 def evaluate_files(workdir: Path, data_files: list[str], *, task_name: str | None = None,
-                   step: int | None = None, spans: list[str] | None = None) -> tuple[dict, int]:
+                   step: int | None = None, spans: list[str] | None = None,
+                   predictions: bool = False) -> tuple[dict, int, list[dict]]:
+    """(metrics per file, the checkpoint's step, with ``predictions`` one record per evaluated row: docs/api.md).
+    Both come from ``ith_jax.api.Predictor``, the path ``ith_jax.load(workdir).predict`` takes too."""
     config = trainer_lib.load_workdir_config(workdir)
-    if task_name is not None:
-        with config.unlocked():
-            config.task = task_name
-    if "audio" in config:
-        if not spans:
-            raise UserError(f"{workdir} is an audio-fused (ITH) workdir: give --spans MANIFEST with the spans of "
-                            f"{', '.join(data_files)} (python -m ith_jax.detect ... --out MANIFEST)")
-        with config.unlocked():
-            config.audio.spans = tuple(spans)
-    task = tasks_lib.make_task(config, trainer_lib.load_workdir_tokenizer(workdir, config))
-    splits = [task.load(path, task=task_name) for path in data_files]
-    mesh = mesh_lib.make_data_mesh()
-    mesh_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    model = trainer_lib.restore_for_inference(workdir, config, mesh, step=step)
-    predict_step = jax.jit(trainer_lib.make_predict_step(model.graphdef, model.rest, task.predict),
-                           out_shardings=mesh_lib.batch_sharded(mesh))
-    results = {s.path: trainer_lib.evaluate_split(task, s, model.params, predict_step, mesh, config.eval_batch_size)
-               for s in splits}
-    if "audio" in config and model.spec.fusion is not None:
-        wanted = model.spec.fusion["audio_dim"]
-        if task.audio_table.audio_dim != wanted:
-            raise UserError(f"{config.audio.cache_dir}: audio tokens of width {task.audio_table.audio_dim}; the "
-                            f"checkpoint in {workdir} was trained on width {wanted}")
-    return results, model.step
+    if "audio" in config and not spans:
+        raise UserError(f"{workdir} is an audio-fused (ITH) workdir: give --spans MANIFEST with the spans of "
+                        f"{', '.join(data_files)} (python -m ith_jax.detect ... --out MANIFEST)")
+    if predictions and config.head != "mlm":
+        raise UserError(f"--predictions: {workdir} holds a {config.head!r} model; per-example records are written "
+                        "for masked-LM workdirs (a span detector's per-sentence output is ith_jax.detect's manifest)")
+    predictor = api.Predictor(workdir, config, step=step)
+    results, records = {}, []
+    for path in data_files:
+        results[path], rows = predictor.evaluate_file(path, task=task_name, spans=spans, records=predictions)
+        records += rows
+    return results, predictor.step, records
 
 
 def majority_rate(path: str, task_name: str | None) -> float:
@@ -89,16 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="span manifest covering the --data files (repeatable; required for an ITH workdir)")
     parser.add_argument("--compare", default=None, metavar="TEXT_WORKDIR",
                         help="also evaluate this text-only workdir and print both side by side")
+    parser.add_argument("--predictions", default=None, metavar="OUT.jsonl",
+                        help="write one record per evaluated example here (docs/api.md; --workdir's only)")
     args = parser.parse_args(argv)
-    if args.json:
-        check_output_file(args.json, what="--json")  # before the evaluation, not after it
-    results, step = evaluate_files(Path(args.workdir), args.data, task_name=args.task, step=args.step,
-                                   spans=args.spans)
+    for path, flag in ((args.json, "--json"), (args.predictions, "--predictions")):
+        if path:
+            check_output_file(path, what=flag)  # before the evaluation, not after it
+    results, step, records = evaluate_files(Path(args.workdir), args.data, task_name=args.task, step=args.step,
+                                            spans=args.spans, predictions=bool(args.predictions))
     print(f"checkpoint step {step}")
     print(trainer_lib.format_table(results))
     report = {"step": step, "results": results}
     if args.compare:
-        text_results, text_step = evaluate_files(Path(args.compare), args.data, task_name=args.task)
+        text_results, text_step, _ = evaluate_files(Path(args.compare), args.data, task_name=args.task)
         majority = {path: majority_rate(path, args.task) for path in results}
         print(f"\n{args.compare} (text-only, step {text_step}) vs {args.workdir} (step {step}):")
         print(comparison_table(text_results, results, majority))
@@ -106,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                              "majority": majority}
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))
+    if args.predictions:
+        api.write_records(records, args.predictions)
+        print(f"wrote {len(records)} per-example records to {args.predictions}")
     return 0
 
 

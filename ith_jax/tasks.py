@@ -38,6 +38,8 @@ from ith_jax import model_spec as model_spec_lib
 
 logger = logging.getLogger("ith_jax")
 
+TOP_K = 5  # candidates per mask slot in MlmTask.predict(details=True)
+
 
 @dataclasses.dataclass
 class Split:
@@ -117,6 +119,11 @@ class MlmTask:
             examples = examples[:max_examples]
         if not examples:
             raise UserError(f"{path}: no usable rows")
+        return self.encode(path, examples, report=report)
+
+    def encode(self, path: str, examples: list, *, report: Any = None) -> Split:
+        """A ``Split`` of ``examples`` (of one task) encoded for this model: what ``load`` does after reading
+        the file; ``ith_jax.api`` calls it for sentences that come from no file."""
         split_task = examples[0].task
         encoded, encode_report = mlm.encode_mlm(examples, self.tokenizer,
                                                           max_length=self.config.max_length,
@@ -190,7 +197,10 @@ class MlmTask:
         loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         return loss, {}
 
-    def predict(self, model, batch) -> dict:
+    def predict(self, model, batch, *, details: bool = False) -> dict:
+        """The predictions ``score`` needs; with ``details`` also what a per-example dump shows
+        (``ith_jax.api``): the top ``TOP_K`` pieces and their log-probabilities at every mask, and (fused) the
+        fusion gate per token."""
         extra = {}
         if self.fused:
             logits, gate = self._logits(model, batch, deterministic=True, return_gate=True)
@@ -205,6 +215,11 @@ class MlmTask:
         logits = logits.astype(jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         label_log_prob = jnp.take_along_axis(log_probs, batch["mask_label_ids"][..., None], axis=-1)[..., 0]
+        if details:
+            top_log_probs, top_ids = jax.lax.top_k(log_probs, TOP_K)
+            extra.update(top_ids=top_ids.astype(jnp.int32), top_log_probs=top_log_probs)  # [B, M, TOP_K]
+            if self.fused:
+                extra["gate"] = gate  # [B, L]: the gate's mean over hidden units, 0 on tokens that took no audio
         return {
             "pred_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32),  # [B, M]
             "label_log_prob": label_log_prob,  # [B, M], for multiple choice

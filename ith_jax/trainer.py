@@ -145,7 +145,7 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _TASKS_OF_HEAD = {"mlm": ("pitch", "animal"), "span": ("pitch", "animal", "both")}
 
 
-def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
+def lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -158,7 +158,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every key's range (``CONFIG_CHECKS``) and the few cross-key rules, before any work: the first
     problem becomes a one-line ``UserError`` naming the key."""
     for key, (check, expected) in CONFIG_CHECKS.items():
-        present, value = _lookup(config, key)
+        present, value = lookup(config, key)
         if present and not check(value):
             raise UserError(f"config key {key}={value!r}: expected {expected}")
     if config.task not in _TASKS_OF_HEAD[config.head]:
@@ -306,6 +306,11 @@ def check_finite(step_metrics: Iterable[tuple[int, dict]], learning_rate: Callab
 
 def evaluate_split(task, split, params: dict, predict_step: Callable, mesh, batch_size: int) -> dict:
     """Runs predict_step over every row set of a split and lets the task score the predictions."""
+    return task.score(split, predict_split(task, split, params, predict_step, mesh, batch_size))
+
+
+def predict_split(task, split, params: dict, predict_step: Callable, mesh, batch_size: int) -> dict:
+    """``outputs[set_name][row_index]``: predict_step's outputs (numpy) for every row of every row set."""
     outputs: dict[str, dict[int, dict]] = {}
     for set_name, rows in task.eval_row_sets(split).items():
         per_row: dict[int, dict] = {}
@@ -316,7 +321,7 @@ def evaluate_split(task, split, params: dict, predict_step: Callable, mesh, batc
                 if row_index >= 0:
                     per_row[int(row_index)] = {k: v[position] for k, v in out.items()}
         outputs[set_name] = per_row
-    return task.score(split, outputs)
+    return outputs
 
 
 def format_table(results: dict[str, dict]) -> str:

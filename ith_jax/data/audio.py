@@ -186,8 +186,8 @@ def attach_audio(encoded: Sequence[EncodedExample], manifests: SpanManifests, ta
                                                              example.sentence)
         stats.rows += 1
         after_mask, added = _char_shift(record)
-        ranges, indices = [], []
-        for span in manifest_record["spans"]:
+        ranges, indices, which = [], [], []
+        for span_number, span in enumerate(manifest_record["spans"]):
             stats.spans += 1
             if len(ranges) >= max_spans:
                 stats.dropped += 1
@@ -207,9 +207,10 @@ def attach_audio(encoded: Sequence[EncodedExample], manifests: SpanManifests, ta
                 stats.with_audio += 1
             ranges.append(token_range)
             indices.append(index)
+            which.append(span_number)
         fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(EncodedExample)}
         fields.update(span_token_ranges=np.asarray(ranges, np.int32).reshape(-1, 2),
-                      span_index=np.arange(len(ranges), dtype=np.int32))
+                      span_index=np.asarray(which, np.int32))  # which of the record's spans each slot holds
         out.append(AudioExample(**fields, audio_index=np.asarray(indices, np.int32)))
     return out, stats
 

@@ -259,6 +259,32 @@ def map_hf_names(weights: Mapping[str, np.ndarray], encoder_prefix: tuple) -> tu
     return mapped, unmapped
 
 
+def hf_name_of(path: tuple, encoder_prefix: tuple = ("bert",)) -> tuple[str, bool] | None:
+    """The inverse of ``map_hf_names`` (the same tables): the Hugging Face name of the NNX parameter at ``path``
+    and whether its array is transposed between the two; None for a parameter Hugging Face has no name for.
+    ``encoder_prefix`` as in ``map_hf_names``; layer indices may be ints or digit strings."""
+    path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path)
+    if path == ("decoder_bias",):
+        return "cls.predictions.bias", False
+    tables = [(_HEAD_NAMES, (), "")]
+    if path[: len(encoder_prefix)] == encoder_prefix:
+        tables.append((_ENCODER_NAMES, encoder_prefix, "bert." if encoder_prefix else ""))
+    for table, prefix, hf_root in tables:
+        rest = path[len(prefix):]
+        for hf_prefix, nnx_prefix, leaves in table:
+            if len(rest) != len(nnx_prefix) + 1:
+                continue
+            layers = [got for want, got in zip(nnx_prefix, rest) if want == "{i}" and isinstance(got, int)]
+            if any(want != got for want, got in zip(nnx_prefix, rest) if want != "{i}") or (
+                    len(layers) != nnx_prefix.count("{i}")):
+                continue
+            for hf_leaf, (nnx_leaf, transpose) in leaves.items():
+                if nnx_leaf == rest[-1]:
+                    name = hf_prefix.replace("{i}", str(layers[0])) if layers else hf_prefix
+                    return f"{hf_root}{name}.{hf_leaf}", transpose
+    return None
+
+
 def _check_tied_decoder(weights: Mapping[str, np.ndarray], weights_name: str) -> None:
     decoder = weights.get("cls.predictions.decoder.weight")
     embeddings = weights.get("bert.embeddings.word_embeddings.weight", weights.get("embeddings.word_embeddings.weight"))
