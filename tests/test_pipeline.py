@@ -66,6 +66,10 @@ def test_first_run_does_every_stage_and_prints_the_table(first_run):
         assert 0.0 <= row["text"] <= 1.0 and 0.0 <= row["ith"] <= 1.0 and 0.0 < row["majority"] <= 1.0
         predictions = (workdir / "eval" / f"ith_{row['task']}" / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == row["examples"]
+        # Both tasks' ITH LMs fused audio: the tiny CLAP scores every clip below 0, and the animal selection
+        # (best of K, no floor) must still pick one.
+        ith = json.loads((workdir / "eval" / f"ith_{row['task']}" / "results.json").read_text())["results"]
+        assert all(metrics["spans_with_audio"] > 0 for metrics in ith.values()), ith
     assert summary["rows"][0]["oracle"] and not summary["rows"][1]["oracle"]
     assert summary["data_label"] == "synthetic sample" and (workdir / "data" / "SYNTHETIC").is_file()
     out = result.stdout
