@@ -481,6 +481,7 @@ class CacheReader(_Closing):
 @dataclasses.dataclass
 class VerifyReport:
     entries: int = 0
+    waveforms: int = 0  # stored clips (FLAC), over all entries
     shards: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)  # anything wrong: exit status 1
     notes: list[str] = dataclasses.field(default_factory=list)     # harmless leftovers of killed writers
@@ -509,12 +510,13 @@ def verify(cache_dir: str | os.PathLike, *, progress: Progress | None = None) ->
                     raise CacheError("the key is not 64 lowercase hex characters")
                 if shard_of_key(key, count) != index:
                     raise CacheError(f"belongs to shard {shard_of_key(key, count)} of {count}")
-                entry = reader._read(key, waveforms=True)[1]
+                _, entry, flacs = reader._read(key, waveforms=True)
                 if not np.isfinite(entry.tokens).all() or np.isinf(entry.clap_scores).any():
                     raise CacheError("non-finite tokens or infinite scores")
                 if entry.token_mask is not None and not entry.token_mask.any(axis=1).all():
                     raise CacheError("a candidate has no valid token")
                 report.entries += 1
+                report.waveforms += len(flacs)
             except (CacheError, OSError) as exc:
                 report.problems.append(f"shard {shard}: entry {key[:12]}: {str(exc).rpartition(key[:12] + ': ')[2]}")
     return report

@@ -240,7 +240,9 @@ def check_cache(step: Step, record: dict) -> str | None:
 
 
 def cache_facts(step: Step) -> dict:
-    return {"entries": verify_cache(step.outputs["cache"]).entries}
+    # The stored clips count too: the report plays them, so a rebuild that adds them must rerun it.
+    report = verify_cache(step.outputs["cache"])
+    return {"entries": report.entries, "waveforms": report.waveforms}
 
 
 # ------------------------------------------------------------------------------------------------ the plan
