@@ -64,22 +64,12 @@ def run_dir(workdir: Path, key: str, value: str) -> Path:
     return workdir / f"{key}={value}"
 
 
-def is_finished(directory: Path, key: str, value: str) -> bool:
+def is_finished(directory: Path, key: str, wanted) -> bool:
     """A run whose final evaluation was written with this very value (so a rerun of the sweep skips it)."""
-    results, config = directory / trainer_lib.EVAL_RESULTS_FILE, directory / "config.json"
-    if not (results.is_file() and config.is_file()):
+    if not all((directory / name).is_file() for name in (trainer_lib.EVAL_RESULTS_FILE, trainer_lib.CONFIG_FILE)):
         return False
-    stored = json.loads(config.read_text())
-    for part in key.split("."):
-        stored = stored.get(part) if isinstance(stored, dict) else None
-    return str(stored) == value or _same_number(stored, value)
-
-
-def _same_number(stored, value: str) -> bool:
-    try:
-        return isinstance(stored, (int, float)) and float(value) == float(stored)
-    except ValueError:
-        return False
+    present, stored = trainer_lib.lookup(trainer_lib.load_workdir_config(directory), key)
+    return present and stored == wanted
 
 
 def summarise(directory: Path, value: str) -> dict:
@@ -103,13 +93,16 @@ def sweep(config_arg: str, workdir: Path, key: str, values: list[str], overrides
         raise UserError(f"unknown arguments: {' '.join(rest)}")
     trainer_lib.validate_config(config)
     values = resolve_values(config, key, values)
-    for value in values:  # every value is checked before the first run starts
-        trainer_lib.validate_config(load_config(["--config", config_arg, *overrides, f"--config.{key}={value}"])[0])
+    wanted = {}  # every value is checked (and typed, as the trainer will read it) before the first run starts
+    for value in values:
+        value_config = load_config(["--config", config_arg, *overrides, f"--config.{key}={value}"])[0]
+        trainer_lib.validate_config(value_config)
+        wanted[value] = trainer_lib.lookup(value_config, key)[1]
     check_output_dir(workdir, what="--workdir")
     rows = []
     for index, value in enumerate(values, 1):
         directory = run_dir(workdir, key, value)
-        if is_finished(directory, key, value):
+        if is_finished(directory, key, wanted[value]):
             print(f"[{index}/{len(values)}] {key}={value}: finished earlier ({directory}), skipped", flush=True)
         else:
             command = [sys.executable, "-m", "ith_jax.train", "--config", config_arg, "--workdir", str(directory),

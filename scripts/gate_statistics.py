@@ -37,24 +37,13 @@ BINS = jnp.asarray([0.0, 0.1, 0.4, 0.6, 0.9, 1.0])  # the same bands, for every 
 def per_unit_gate(model, task, split, batch_size: int) -> tuple[np.ndarray, int, np.ndarray]:
     """g averaged over every fused token per hidden unit ``[H]``, the number of fused tokens, and the histogram
     of every single g (fused token x unit) in ``BINS``."""
-    layer = model.fusion_config.fusion_layer
-
     @nnx.jit
     def gate_of(model, batch):
-        span_fused = batch["span_mask"].astype(bool) & batch["span_has_audio"].astype(bool)
-        found = []
-
-        def hook(index, hidden):
-            if index != layer:
-                return hidden
-            hidden, gate = model.fuse(hidden, batch["audio_tokens"], batch["audio_mask"], batch["span_ranges"],
-                                      span_fused, per_unit_gate=True)
-            found.append(gate)
-            return hidden
-
-        model.mlm(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                  positions=batch["mask_positions"], hidden_hook=hook)
-        gate = found[0]  # [B, L, H], 0 on tokens that took no audio
+        _, gate = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        audio_tokens=batch["audio_tokens"], audio_mask=batch["audio_mask"],
+                        span_ranges=batch["span_ranges"], span_mask=batch["span_mask"],
+                        span_has_audio=batch["span_has_audio"], positions=batch["mask_positions"],
+                        return_gate=True, per_unit_gate=True)  # [B, L, H], 0 on tokens that took no audio
         on_span = jnp.any(gate != 0.0, axis=-1) & (batch["example_weight"][:, None] > 0)
         weights = jnp.broadcast_to(on_span[..., None], gate.shape).astype(jnp.float32)
         histogram = jnp.histogram(gate, bins=BINS, weights=weights)[0]

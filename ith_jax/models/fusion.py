@@ -292,9 +292,10 @@ class FusedMaskedLM(nnx.Module):
         deterministic: bool = True,
         rngs: nnx.Rngs | jax.Array | None = None,
         return_gate: bool = False,
+        per_unit_gate: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Float32 logits as ``BertForMaskedLM`` returns them (``[B, M, V]`` at ``positions`` or ``[B, L, V]``),
-        and with ``return_gate`` also the gate per token ``[B, L]`` (see ``fuse``).
+        and with ``return_gate`` also the gate per token ``[B, L]`` (``[B, L, H]`` with ``per_unit_gate``; see ``fuse``).
 
         Audio inputs as in ``fuse``: ``audio_tokens [B, S, T, D_audio]``, ``audio_mask [B, S, T]`` (None: all real),
         ``span_ranges [B, S, 2]``. A span slot is fused when ``span_mask`` (slot used) and ``span_has_audio``
@@ -309,7 +310,7 @@ class FusedMaskedLM(nnx.Module):
             if index != fusion_layer:
                 return hidden
             hidden, gate = self.fuse(hidden, audio_tokens, audio_mask, span_ranges, span_fused,
-                                     deterministic=deterministic, rngs=rngs)
+                                     deterministic=deterministic, rngs=rngs, per_unit_gate=per_unit_gate)
             gates.append(gate)
             return hidden
 
