@@ -1,4 +1,5 @@
-"""Frozen audio encoders that turn clips into a fixed number T of audio tokens for the fusion layer.
+"""Frozen audio encoders that turn clips into a fixed number T of audio tokens for the fusion layer (or, with
+``ast_fbank``, into the inputs of an AST that the LM trains itself).
 
     encoder = build_encoder("ast", "MIT/ast-finetuned-audioset-10-10-0.4593", num_tokens=8, device="cuda")
     tokens, mask = encoder.encode([waveform, ...], sample_rate=44100)  # float16 [N, T, D], bool [N, T]
@@ -16,6 +17,12 @@ Encoders (shapes per clip, see docs/audio_tokens.md):
 - ``logmel``: no weights; 64-bin log-mel frames (25 ms window, 10 ms hop at 16 kHz) pooled to T.  D = 64.
   For experiments (the oracle-audio one), tests and the offline demo.  Vectorised: one batched STFT and mel
   matmul per batch of equal-length clips (`LogMelEncoder.tokens_of_equal_length`).
+- ``ast_fbank``: no model, only the ``ASTFeatureExtractor`` of an AST checkpoint: its normalised log-mel
+  filterbank ``input_values`` [max_length, num_mel_bins] (1024 x 128 for the real one) are stored as the "tokens"
+  (T = max_length, D = num_mel_bins, no pooling; ``num_tokens`` is ignored), for ``audio.encoder=ast_trainable``,
+  where the LM runs (and trains) its own Flax AST on them.  The mask is True on the frames computed from audio
+  (`features.ast_frame_count`, at least one) and False on the extractor's padding frames.  256 KiB per 5 s
+  candidate at full size, float16.
 
 Pooling: the valid frames are split into T contiguous, near-equal segments and each is averaged (adaptive
 average pooling), so token t always summarises the t-th slice of the clip, whatever its length.  A clip with
@@ -25,6 +32,7 @@ Resampling to the encoder's rate uses soxr.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,13 +41,13 @@ from transformers import ASTFeatureExtractor, ASTModel
 from transformers.audio_utils import mel_filter_bank
 
 from audio_gen.clap import _ClapBase, resample
-from audio_gen.features import ast_features
+from audio_gen.features import ast_features, ast_frame_count
 from audio_gen.pretrained import checkpoint_identity, load_component, resolve_source, torch_device_and_dtype
 from ith_common.errors import UserError
 
-ENCODER_NAMES = ("ast", "clap", "logmel")
+ENCODER_NAMES = ("ast", "clap", "logmel", "ast_fbank")
 DEFAULT_ENCODER_MODELS = {"ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "clap": "laion/clap-htsat-fused",
-                          "logmel": None}
+                          "logmel": None, "ast_fbank": "MIT/ast-finetuned-audioset-10-10-0.4593"}
 
 
 def pool_frames(frames, valid_frames: int, num_tokens: int):
@@ -134,8 +142,8 @@ class AstEncoder(_Encoder):
         return {**self._base_settings(), "model": self.identity, "dtype": str(self.dtype).replace("torch.", "")}
 
     def valid_time_patches(self, num_samples: int) -> int:
-        # The extractor's frames: 25 ms windows, 10 ms hop, no centring; a patch is valid if it starts on audio.
-        frames = min(self.max_frames, max(1, 1 + (num_samples - 400) // 160))
+        # A patch is valid if it starts on a frame computed from audio.
+        frames = ast_frame_count(num_samples, self.max_frames)
         return max(1, min(self.time_patches, -(-frames // self.time_stride)))
 
     def _encode_batch(self, clips):
@@ -249,10 +257,67 @@ class LogMelEncoder(_Encoder):
         return tokens, mask
 
 
+def _check_ast_extractor(directory: str, what: str) -> None:
+    """Refuses a checkpoint without feature extractor settings, or with another model's: ``from_pretrained`` would
+    quietly fall back to the AST defaults (it also reads the ``feature_extractor`` of a processor_config.json)."""
+    try:
+        settings, _ = ASTFeatureExtractor.get_feature_extractor_dict(directory)
+    except (OSError, ValueError) as error:
+        if not any((pathlib.Path(directory) / name).is_file()
+                   for name in ("preprocessor_config.json", "processor_config.json")):
+            raise UserError(f"{what}: {directory} has no preprocessor_config.json (expected an AST checkpoint with "
+                            f"its ASTFeatureExtractor settings, e.g. {DEFAULT_ENCODER_MODELS['ast_fbank']})") from None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{what}: {directory}: could not read the feature extractor settings: {first_line}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{what}: {directory}: preprocessor_config.json: expected a JSON object (an "
+                        f"ASTFeatureExtractor's settings), got {type(settings).__name__}")
+    kind = settings.get("feature_extractor_type")
+    if kind not in (None, "ASTFeatureExtractor"):
+        raise UserError(f"{what}: {directory}: field 'feature_extractor_type': expected ASTFeatureExtractor, "
+                        f"got {kind!r}")
+
+
+class AstFbankEncoder(_Encoder):
+    """The AST feature extractor's output per clip, for an AST trained inside the LM (``audio.encoder=ast_trainable``).
+
+    "Tokens" are the normalised filterbank frames ``[max_length, num_mel_bins]`` exactly as ``ASTFeatureExtractor``
+    gives them (batched by `features.ast_features`, float64, then stored float16); T = max_length whatever
+    ``num_tokens`` says.  ``settings()`` carries what the JAX side checks its AST against."""
+    name = "ast_fbank"
+
+    def __init__(self, model_path_or_id: str, device: Any = "cpu", batch_size: int = 16):
+        # The features are computed in float64 whatever the device: no dtype to choose.
+        torch_device, _ = torch_device_and_dtype(str(device), "float32", what="AST fbank encoder")
+        what = "config key 'encoder_model'"
+        resolved = resolve_source(model_path_or_id, what)
+        _check_ast_extractor(resolved, what)
+        extractor = load_component(ASTFeatureExtractor.from_pretrained, resolved, what)
+        _Encoder.__init__(self, int(extractor.max_length), batch_size)  # num_tokens = T = the window's frames
+        self.extractor, self.identity, self.device = extractor, checkpoint_identity(resolved), torch_device
+        self.sample_rate = int(extractor.sampling_rate)
+        self.max_length = int(extractor.max_length)
+        self.dim = int(extractor.num_mel_bins)
+
+    def settings(self) -> dict[str, Any]:
+        extractor = self.extractor
+        return {"name": self.name, "stores": "features", "features": "ast-fbank", "model": self.identity,
+                "sampling_rate": self.sample_rate, "num_mel_bins": self.dim, "max_length": self.max_length,
+                "do_normalize": bool(extractor.do_normalize), "mean": float(extractor.mean),
+                "std": float(extractor.std)}
+
+    def _encode_batch(self, clips):
+        features = ast_features(self.extractor, clips, self.device)
+        frames = torch.arange(self.max_length)
+        masks = [frames < ast_frame_count(len(clip), self.max_length) for clip in clips]
+        return list(features), masks
+
+
 def build_encoder(name: str, model_path_or_id: str | None, num_tokens: int, device: Any = "cpu", dtype: Any = "auto",
                   batch_size: int = 16):
-    """An encoder by name (``ast`` | ``clap`` | ``logmel``); ``model_path_or_id`` None or "" means the default
-    checkpoint; it is ignored by ``logmel``."""
+    """An encoder by name (``ast`` | ``clap`` | ``logmel`` | ``ast_fbank``); ``model_path_or_id`` None or "" means
+    the default checkpoint; it is ignored by ``logmel``.  ``num_tokens`` is ignored by ``ast_fbank`` (T is its
+    extractor's max_length) and ``dtype`` too (its features are computed in float64)."""
     if name not in ENCODER_NAMES:
         raise UserError(f"config key 'encoder': expected one of {', '.join(ENCODER_NAMES)}, got {name!r}")
     model = model_path_or_id or DEFAULT_ENCODER_MODELS[name]
@@ -260,4 +325,6 @@ def build_encoder(name: str, model_path_or_id: str | None, num_tokens: int, devi
         return AstEncoder(model, num_tokens, device, dtype, batch_size)
     if name == "clap":
         return ClapAudioEncoder(model, num_tokens, device, dtype, batch_size)
+    if name == "ast_fbank":
+        return AstFbankEncoder(model, device, batch_size)
     return LogMelEncoder(num_tokens, batch_size=batch_size)

@@ -20,6 +20,16 @@ import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank, window_function
 
+# ASTFeatureExtractor's kaldi fbank framing at 16 kHz: 25 ms windows, 10 ms hop, no centring, a 512-point FFT.
+AST_FRAME_LENGTH, AST_HOP_LENGTH, AST_FFT_LENGTH = 400, 160, 512
+
+
+def ast_frame_count(num_samples: int, max_length: int) -> int:
+    """How many of the AST extractor's `max_length` frames are computed from a clip of `num_samples` (16 kHz)
+    samples rather than padding: every window that fits in the clip, capped by the window, and at least 1 (a
+    clip shorter than one window gets one frame, so that a mask over the frames is never empty)."""
+    return min(int(max_length), max(1, 1 + (int(num_samples) - AST_FRAME_LENGTH) // AST_HOP_LENGTH))
+
 
 def _frames_power(signal, window, frame_length: int, hop_length: int, fft_length: int, *, center: bool,
                   preemphasis: float | None = None, remove_dc_offset: bool = False):
@@ -69,7 +79,7 @@ def clap_features(extractor, clips: Sequence[np.ndarray], device) -> torch.Tenso
 
 def ast_features(extractor, clips: Sequence[np.ndarray], device) -> torch.Tensor:
     """`ASTFeatureExtractor(clips)["input_values"]` (its numpy fbank path): float32 [B, max_length, mel bins]."""
-    frame_length, hop_length, fft_length = 400, 160, 512
+    frame_length, hop_length, fft_length = AST_FRAME_LENGTH, AST_HOP_LENGTH, AST_FFT_LENGTH
     filters = getattr(extractor, "mel_filters", None)
     if filters is None:  # the extractor built torchaudio's kaldi path instead; the same filters as its numpy one
         filters = mel_filter_bank(num_frequency_bins=257, num_mel_filters=extractor.num_mel_bins, min_frequency=20,

@@ -4,6 +4,8 @@
     python benchmarks/fusion_train_step.py --quick                # CPU smoke test: MiniLM, short runs (~6 min)
     python benchmarks/fusion_train_step.py --device cuda          # GPU: bert-base bf16, batch 32 and 256
     python benchmarks/fusion_train_step.py --sizes minilm --frameworks jax,torch-eager --out fusion.json
+    python benchmarks/fusion_train_step.py --sizes minilm --frameworks jax-ast,ith     # the trained AST, CPU
+    python benchmarks/fusion_train_step.py --device cuda --frameworks jax-ast,ith --ith-batch 32   # the same, GPU
 
 The model is ITH's audio-fused masked LM (``ith_jax.models.fusion``): BERT, ITH's projector (Linear, ReLU,
 Linear) on the audio tokens, ITH's fusion layer (cross-attention of each span's tokens to its audio, add & norm,
@@ -32,6 +34,11 @@ Rows (``--frameworks``):
   projects every token onto the vocabulary), no gradient clipping (ITH clips at 1.0), one AST call over both
   slots (ITH makes one per slot); so it is a lower bound on ITH's step. It is very slow on a CPU, so it runs
   ``--ith-batch`` examples per step (2; 1 with ``--quick``) and few timed steps; examples/s is per example.
+- ``jax-ast``: ith-jax's answer to (b), ``audio.encoder=ast_trainable``: the same step with the Flax AST
+  (``ith_jax.models.ast``, the same config, random weights) inside ``FusedMaskedLM`` on the same cached
+  features (float16 ``[B, S, 1024, 128]``, as the cache stores them), all 1214 tokens per clip as keys and
+  values (``num_tokens=0``), AdamW over everything; ``--ast-remat`` adds gradient checkpointing. Same batch and
+  timing as (b), and compared against it in "vs (b)".
 
 "vs (a)" divides by the faster of torch-eager and torch-compile at the same size and batch, "vs (b)" by the
 ith row of the same size. Every measurement runs in its own subprocess (torch's OpenMP threads and XLA's pool
@@ -84,7 +91,8 @@ from mlm_train_step import (  # noqa: E402
     time_steps,
 )
 
-FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "torch-eager-loop", "ith")
+FRAMEWORKS = ("jax", "torch-eager", "torch-compile", "torch-eager-loop", "ith", "jax-ast")
+AST_ROWS = ("ith", "jax-ast")  # the rows with the AST in the step: (b)'s batch, timing and FLOPs
 DEFAULT_FRAMEWORKS = {"cpu": "jax,torch-eager,torch-compile,ith", "cuda": "jax,torch-eager,torch-compile"}
 TORCH_A_ROWS = ("torch-eager", "torch-compile")  # the rows "vs (a)" compares against (the faster one)
 MODEL_CONFIGS = REPO.parent / "shared" / "model_configs"
@@ -192,7 +200,7 @@ def step_flops(framework: str, size: str, batch: int, args) -> float:
     span_tokens = span_tokens_in_batch(batch, args)
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     lm = model_flops_per_step(size, batch, args.seq_len, args.masks)
-    if framework != "ith":
+    if framework not in AST_ROWS:
         fusion = fusion_flops(hidden, inter, args.audio_dim, span_tokens,
                               batch * args.spans * args.audio_tokens, args.audio_tokens)
         return lm + fusion
@@ -222,13 +230,14 @@ def time_runs(step, sync, *, warmup: int, runs: int, steps_per_run: int, batch: 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def worker_jax(size: str, settings: dict) -> dict:
+def worker_jax(size: str, settings: dict, *, with_ast: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from ith_jax import trainer
+    from ith_jax.models.ast import AstAudioEncoder, AstConfig, AstModel
     from ith_jax.models.bert import BertConfig, BertForMaskedLM
     from ith_jax.models.fusion import FusionConfig, build_fused_mlm
 
@@ -237,8 +246,14 @@ def worker_jax(size: str, settings: dict) -> dict:
     dtype = jnp.bfloat16 if settings["dtype"] == "bfloat16" else jnp.float32
     config = BertConfig(**SIZES[size], **COMMON)
     mlm = BertForMaskedLM(config, dtype=dtype, rngs=nnx.Rngs(0))
+    audio_encoder = None
+    if with_ast:  # (b)'s AST in the step: the checkpoint's config, every token as keys and values
+        ast_config = AstConfig.from_hf_config(ast_config_values(Path(settings["model_configs"])),
+                                              source="ast_audioset.json")
+        audio_encoder = AstAudioEncoder(AstModel(ast_config, dtype=dtype, remat=settings["ast_remat"],
+                                                 rngs=nnx.Rngs(2)), num_tokens=0)
     model = build_fused_mlm(mlm, FusionConfig(audio_dim=settings["audio_dim"], fusion_layer=FUSION_LAYER),
-                            rngs=nnx.Rngs(1))
+                            rngs=nnx.Rngs(1), audio_encoder=audio_encoder)
     graphdef, params, rest = trainer.split_model(model)
     optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
@@ -255,6 +270,11 @@ def worker_jax(size: str, settings: dict) -> dict:
     step_fn = jax.jit(trainer.make_train_step(graphdef, rest, optimizer, loss_fn), donate_argnums=(0,))
     host = synthetic_fused_batch(settings["batch"], settings["seq_len"], settings["masks"], settings["spans"],
                                  settings["audio_tokens"], settings["audio_dim"], config.vocab_size)
+    if with_ast:  # the cached filterbank features replace the cached tokens; every frame is audio
+        frames, mel = ast_config.max_length, ast_config.num_mel_bins
+        host["audio_tokens"] = np.random.default_rng(1).standard_normal(
+            (settings["batch"], settings["spans"], frames, mel)).astype(np.float16)
+        host["audio_mask"] = np.ones((settings["batch"], settings["spans"], frames), bool)
     batch = {key: jnp.asarray(value.astype(np.int32) if value.dtype == np.int64 else value)
              for key, value in host.items()}
     warmup_runs = -(-settings["warmup"] // settings["steps_per_run"])  # as time_runs rounds it
@@ -472,8 +492,8 @@ def run_worker(kind: str, settings: dict) -> dict:
     framework, _, size = kind.partition(":")
     if framework.startswith("peak-"):
         return worker_peak(framework.removeprefix("peak-"), settings)
-    if framework == "jax":
-        return worker_jax(size, settings)
+    if framework in ("jax", "jax-ast"):
+        return worker_jax(size, settings, with_ast=framework == "jax-ast")
     return worker_torch(size, settings, kind=framework)
 
 
@@ -549,6 +569,7 @@ def parse_args(argv):
     parser.add_argument("--ith-batch", type=int, help="examples per step of the (b) row (2; 1 with --quick)")
     parser.add_argument("--ith-warmup", type=int, default=1)
     parser.add_argument("--ith-runs", type=int, help="timed runs of the (b) row, 1 step each (3; 2 with --quick)")
+    parser.add_argument("--ast-remat", action="store_true", help="jax-ast: gradient checkpointing over AST's blocks")
     parser.add_argument("--peak-runs", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 spec peak, if not in the table")
     parser.add_argument("--model-configs", type=Path, default=MODEL_CONFIGS,
@@ -598,13 +619,13 @@ def main(argv=None) -> int:
         return 0
     if args.out:
         check_output_file(args.out, what="--out")  # before half an hour of measurements
-    if "ith" in args.frameworks:
+    if set(AST_ROWS) & set(args.frameworks):
         ast_config_values(args.model_configs)  # a missing config fails now, not after the other rows
     span_tokens = span_tokens_in_batch(args.batches[0], args) / args.batches[0]  # per example, for the header
 
     base = dict(device=args.device, dtype=args.dtype, seq_len=args.seq_len, masks=args.masks, spans=args.spans,
                 audio_tokens=args.audio_tokens, audio_dim=args.audio_dim, peak_runs=args.peak_runs,
-                model_configs=str(args.model_configs))
+                model_configs=str(args.model_configs), ast_remat=args.ast_remat)
     machine = machine_name(args.device)
     command = "python benchmarks/fusion_train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(f"machine: {machine}; load average {load_average()}\ncommand: {command}", flush=True)
@@ -617,7 +638,7 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         for framework in args.frameworks:
-            ith = framework == "ith"
+            ith = framework in AST_ROWS
             for batch in [args.ith_batch] if ith else args.batches:
                 timing = (dict(warmup=args.ith_warmup, runs=args.ith_runs, steps_per_run=1) if ith else
                           dict(warmup=args.warmup, runs=args.runs, steps_per_run=args.steps_per_run))

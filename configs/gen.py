@@ -22,6 +22,11 @@ Variants (comma-separated, any order):
           --config.spans=gold_train.jsonl,gold_dev.jsonl --config.cache_dir=workdirs/cache_oracle
 - ``short``: denoise only the latent frames the clip needs (see audio_gen/generators/stable_audio.py).
 - ``unfused``: CLAP laion/clap-htsat-unfused (with ``tiny``: its tiny counterpart).
+- ``fbank``: store each candidate's AST filterbank features (``encoder = "ast_fbank"``) instead of frozen AST
+  tokens, for the LM's ``audio.encoder=ast_trainable`` (configs/lm.py), which trains its own AST on them.
+  Combines with the others (``tiny,fbank``: the tiny AST's extractor, 200 x 32; ``oracle,fbank``: the ORACLE
+  tones as AST features).  256 KiB per candidate at full size (1024 frames x 128 mel bins, float16), and all K
+  candidates are stored: about 1.25 MiB per prompt at K = 5 (docs/audio_tokens.md).
 
     python -m audio_gen.build_cache --config configs/gen.py --config.spans=gold_dev.jsonl \
         --config.cache_dir=workdirs/cache_ast
@@ -39,7 +44,7 @@ from ith_common.prompts import DEFAULT_PROMPT_TEMPLATE
 from ith_common.selection import DEFAULT_THRESHOLDS as PAPER_THRESHOLDS
 
 VARIANT_GROUPS = {"size": ("paper", "tiny"), "generator": ("tone", "oracle"), "latent": ("short",),
-                  "clap": ("unfused",)}
+                  "clap": ("unfused",), "encoder": ("fbank",)}
 
 
 def get_config(arg=None):
@@ -92,9 +97,13 @@ def get_config(arg=None):
     c.thresholds = PAPER_THRESHOLDS  # reported in the summary; the rule is chosen at training time
 
     # ---- audio tokens
-    c.encoder = "ast"  # ast | clap | logmel
-    # "" = the encoder's default checkpoint (ast: MIT/ast-finetuned-audioset-10-10-0.4593; clap: clap_model);
-    # "tiny:" = the tiny checkpoint of whichever encoder is chosen.
+    # ast | clap | logmel: frozen tokens, pooled to num_tokens per clip (the default mode);
+    # ast_fbank (the fbank variant): no model runs, the cache stores encoder_model's ASTFeatureExtractor output
+    # (normalised log-mel filterbank, [max_length=1024, num_mel_bins=128] per candidate, float16: 256 KiB, all K
+    # candidates kept) for the LM's audio.encoder=ast_trainable; num_tokens and encoder_dtype do not apply.
+    c.encoder = "ast"
+    # "" = the encoder's default checkpoint (ast, ast_fbank: MIT/ast-finetuned-audioset-10-10-0.4593; clap:
+    # clap_model); "tiny:" = the tiny checkpoint of whichever encoder is chosen (ast_fbank: tiny:ast).
     c.encoder_model = ""
     c.num_tokens = 16  # T tokens per clip; docs/audio_tokens.md has the measurement behind 16
     c.encoder_batch_size = 16
@@ -133,4 +142,6 @@ def get_config(arg=None):
         c.num_candidates = 1
         # Tones and log-mel tokens are cheap per clip: larger batches mean fewer calls and cache commits.
         c.batch_size = 64
+    if "fbank" in parts:
+        c.encoder = "ast_fbank"
     return c

@@ -51,6 +51,18 @@ def add_audio_keys(c: ml_collections.ConfigDict) -> None:
     c.audio.allow_missing = False  # True: a span whose prompt is not in the cache passes through (counted)
     c.audio.max_spans = 2  # span slots per row (static shape); extra spans are dropped (counted)
     c.audio.shuffle = False  # control: audio permuted across spans (fixed seed), the text-only level expected
+    # Where the fusion layer's keys and values come from:
+    #   cached        the cache's frozen audio tokens (build_cache encoder ast | clap | logmel); the default, cheap
+    #   ast_trainable ITH's way: the cache holds each clip's AST filterbank features (build_cache with
+    #                 encoder=ast_fbank, configs/gen.py:...,fbank) and a Flax AST, trained in every step, turns
+    #                 them into tokens (ith_jax/models/ast.py)
+    c.audio.encoder = "cached"
+    # ast_trainable only:
+    c.audio.ast_model = "MIT/ast-finetuned-audioset-10-10-0.4593"  # the AST the training starts from (dir or hub id)
+    c.audio.num_tokens = 16  # AST tokens per span, pooled over time as build_cache's ast encoder does; 0 = all (ITH)
+    c.audio.ast_learning_rate = config_dict.placeholder(float)  # None = learning_rate (ITH trains AST with the LM)
+    c.audio.ast_remat = False  # gradient checkpointing over the AST blocks (memory for compute)
+    c.audio.ast_dtype = config_dict.placeholder(str)  # AST compute dtype: float32 | bfloat16; None = dtype
     c.fusion_layer = 0  # 0 = after the embeddings (ITH's default); k = after encoder layer k
     c.fusion = ml_collections.ConfigDict()
     c.fusion.num_heads = config_dict.placeholder(int)  # None = the LM's num_attention_heads

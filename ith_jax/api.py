@@ -238,10 +238,7 @@ class Predictor:
         config = ml_collections.ConfigDict(self.config.to_dict())
         config.audio.spans = tuple(str(s) for s in spans)
         data_task = tasks_lib.make_task(config, self.tokenizer)
-        wanted = self.model.spec.fusion["audio_dim"]
-        if data_task.audio_table.audio_dim != wanted:
-            raise UserError(f"{config.audio.cache_dir}: audio tokens of width {data_task.audio_table.audio_dim}; "
-                            f"the checkpoint in {self.workdir} was trained on width {wanted}")
+        data_task.check_audio_source(self.model.spec, where=str(self.workdir))
         return data_task
 
     def _run(self, data_task, split) -> dict:

@@ -176,8 +176,38 @@ class MlmTask:
 
     # -- model
     def model_spec(self) -> model_spec_lib.ModelSpec:
-        return model_spec_lib.spec_from_config(self.config, "mlm",
-                                               audio_dim=self.audio_table.audio_dim if self.fused else None)
+        if not self.fused:
+            return model_spec_lib.spec_from_config(self.config, "mlm")
+        spec = model_spec_lib.spec_from_config(self.config, "mlm", audio_dim=self.audio_table.audio_dim)
+        self.check_audio_source(spec)
+        return spec
+
+    def check_audio_source(self, spec: model_spec_lib.ModelSpec, where: str | None = None) -> None:
+        """The cache must hold what the fused model ``spec`` consumes: frozen tokens of its audio width, or
+        filterbank features made by the feature extractor of its trained AST (same mel bins and frames).
+        ``where`` (a workdir) names the checkpoint in the errors."""
+        table, encoder = self.audio_table, self.config.audio.get("encoder", "cached")
+        settings = table.encoder_settings
+        if encoder == "cached" and table.stores_features:
+            raise UserError(f"config key audio.encoder='cached': the audio cache {table.cache_dir} holds AST "
+                            "filterbank features (build_cache encoder=ast_fbank), not audio tokens; set "
+                            "--config.audio.encoder=ast_trainable to train an AST on them")
+        if encoder == "cached" and table.audio_dim != spec.fusion["audio_dim"]:
+            raise UserError(f"{table.cache_dir}: audio tokens of width {table.audio_dim}; the model"
+                            + (f" in {where}" if where else "") + f" takes width {spec.fusion['audio_dim']}")
+        if encoder == "ast_trainable":
+            if not table.stores_features:
+                raise UserError(
+                    f"config key audio.encoder='ast_trainable': the audio cache {table.cache_dir} holds frozen "
+                    f"{settings.get('name', 'encoder')!r} tokens; it needs AST filterbank features: "
+                    "python -m audio_gen.build_cache --config configs/gen.py:...,fbank")
+            ast = spec.ast_config
+            cached = {"num_mel_bins": settings.get("num_mel_bins"), "max_length": settings.get("max_length")}
+            wanted = {"num_mel_bins": ast.num_mel_bins, "max_length": ast.max_length}
+            if cached != wanted:
+                raise UserError(f"config key audio.ast_model={self.config.audio.ast_model!r}: the AST takes "
+                                f"{wanted} but the features in {table.cache_dir} are {cached}; build the cache with "
+                                "that AST's feature extractor (build_cache --config.encoder_model)")
 
     def _logits(self, model, batch, *, deterministic: bool, rng=None, return_gate: bool = False):
         rngs = None if deterministic else nnx.Rngs(dropout=rng)

@@ -188,8 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 spec.bert_config)
     if spec.fusion is not None:
         logger.info("audio fusion: %s", spec.fusion)
+    if spec.audio_encoder is not None:
+        logger.info("trained AST from %s: %s (learning rate %s)", config.audio.ast_model, spec.audio_encoder,
+                    trainer_lib.ast_learning_rate(config) or "the LM's")
     model = model_spec_lib.build_model(spec, seed=config.seed,
-                                       pretrained=None if config.random_init else config.text_model)
+                                       pretrained=None if config.random_init else config.text_model,
+                                       pretrained_ast=model_spec_lib.pretrained_ast_source(config))
     graphdef, params, rest = trainer_lib.split_model(model)
     optimizer = trainer_lib.make_optimizer(config, total_steps)
     replicated = mesh_lib.replicated(mesh)

@@ -88,6 +88,10 @@ _LENGTHS = ((lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_i
             "one or more positive integers")
 _OPTIONAL_SIZE = ((lambda v: v is None or (_is_int(v) and v > 0)), "null or a positive integer")
 
+AUDIO_ENCODERS = model_spec_lib.AUDIO_ENCODERS
+# FusedMaskedLM's submodule holding the trained AST: its parameters are the subtree of this name.
+AUDIO_ENCODER_PARAMS = "audio_encoder"
+
 # key -> (check, what it expects). Keys a config file does not define (e.g. multiple_choice in span.py) are
 # skipped; every key the base config defines is here.
 CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -135,6 +139,13 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "audio.allow_missing": _BOOL,
     "audio.max_spans": _int_at_least(1),
     "audio.shuffle": _BOOL,
+    "audio.encoder": _one_of(*AUDIO_ENCODERS),
+    "audio.ast_model": _TEXT,
+    "audio.num_tokens": _int_at_least(0),
+    "audio.ast_learning_rate": ((lambda v: v is None or (_is_number(v) and v > 0)), "null or a number > 0"),
+    "audio.ast_remat": _BOOL,
+    "audio.ast_dtype": ((lambda v: v is None or v in model_spec_lib.DTYPES),
+                        f"null or one of {', '.join(model_spec_lib.DTYPES)}"),
     "fusion_layer": _int_at_least(0),
     "fusion.num_heads": _OPTIONAL_SIZE,
     "fusion.intermediate_size": _OPTIONAL_SIZE,
@@ -221,24 +232,47 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then ``lr_schedule``: ``linear`` decay to 0 (the
-    default), or ``cosine`` decay to 0 (ITH's, transformers' get_cosine_schedule_with_warmup)."""
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                           peak: float | None = None) -> optax.Schedule:
+    """Linear warm-up over ``warmup_ratio`` of the steps to ``peak`` (default ``learning_rate``), then
+    ``lr_schedule``: ``linear`` decay to 0 (the default), or ``cosine`` decay to 0 (ITH's, transformers'
+    get_cosine_schedule_with_warmup)."""
+    peak = config.learning_rate if peak is None else peak
     warmup = int(round(config.warmup_ratio * total_steps))
     decay_steps = max(total_steps - warmup, 1)
     if config.get("lr_schedule", "linear") == "cosine":
-        decay = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+        decay = optax.cosine_decay_schedule(peak, decay_steps)
     else:
-        decay = optax.linear_schedule(config.learning_rate, 0.0, decay_steps)
-    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)), decay],
-                                boundaries=[warmup])
+        decay = optax.linear_schedule(peak, 0.0, decay_steps)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), decay], boundaries=[warmup])
+
+
+def ast_learning_rate(config: ml_collections.ConfigDict) -> float | None:
+    """The trained AST's own peak learning rate, or None when it trains with the LM's (ITH's way)."""
+    present, value = lookup(config, "audio.ast_learning_rate")
+    encoder_present, encoder = lookup(config, "audio.encoder")
+    if not present or value is None or not encoder_present or encoder != "ast_trainable":
+        return None
+    return float(value)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(learning_rate_schedule(config, total_steps), b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask))
+    """Gradient clipping over all parameters together, then AdamW; with ``audio.ast_learning_rate`` the
+    trained AST's parameters (the ``audio_encoder`` subtree) get an AdamW of their own at that peak rate."""
+    def adamw(peak: float | None) -> optax.GradientTransformation:
+        return optax.adamw(learning_rate_schedule(config, total_steps, peak), b1=config.adam_b1, b2=config.adam_b2,
+                           eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask)
+
+    ast_peak = ast_learning_rate(config)
+    if ast_peak is None:
+        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw(None))
+
+    def labels(params: dict) -> dict:
+        return {name: jax.tree_util.tree_map(lambda _: "ast" if name == AUDIO_ENCODER_PARAMS else "lm", subtree)
+                for name, subtree in params.items()}
+
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.multi_transform({"lm": adamw(None), "ast": adamw(ast_peak)}, labels))
 
 
 def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> dict:

@@ -246,7 +246,7 @@ def single_error_line(result):
 
 
 @pytest.mark.parametrize("variant, expected", [
-    ("tyni", "error: configs/gen.py: unknown variant 'tyni' (known: paper, tiny, tone, oracle, short, unfused)"),
+    ("tyni", "error: configs/gen.py: unknown variant 'tyni' (known: paper, tiny, tone, oracle, short, unfused, fbank)"),
     ("tiny,paper", "error: configs/gen.py: variants 'tiny' and 'paper' conflict (choose one size: paper, tiny)"),
 ])
 def test_bad_variants_are_one_clear_error(inputs, env, tmp_path, variant, expected):

@@ -137,6 +137,17 @@ class AudioTable:
         return self._index[prompt]
 
     @property
+    def encoder_settings(self) -> dict:
+        """The cache's encoder settings (its fingerprint's ``encoder``)."""
+        return dict(self.reader.fingerprint.get("encoder", {}))
+
+    @property
+    def stores_features(self) -> bool:
+        """True when the cache holds AST filterbank features (build_cache ``encoder=ast_fbank``) for a trained
+        AST, rather than frozen audio tokens."""
+        return self.encoder_settings.get("stores") == "features"
+
+    @property
     def audio_dim(self) -> int:
         """D of the cache's tokens (from its fingerprint when nothing is loaded yet)."""
         if self._tokens:

@@ -50,16 +50,24 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike) -> Path:
     return hub.resolve_checkpoint_dir(path_or_id, what="text_model", allow_patterns=HUB_ALLOW_PATTERNS)
 
 
-def _read_config_json(ckpt_dir: Path) -> dict:
+def read_config_json(ckpt_dir: Path, *, kind: str) -> dict:
+    """The ``config.json`` object of a Hugging Face checkpoint directory; ``kind`` (e.g. "BERT") names the
+    checkpoint expected in the error when the file is missing. Bad JSON or a non-object is a one-line UserError."""
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{config_path} not found; expected a Hugging Face BERT checkpoint directory")
+        raise UserError(f"{config_path} not found; expected a Hugging Face {kind} checkpoint directory")
     try:
         values = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{config_path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
         raise UserError(f"{config_path}: expected a JSON object at the top level")
+    return values
+
+
+def _read_config_json(ckpt_dir: Path) -> dict:
+    config_path = ckpt_dir / "config.json"
+    values = read_config_json(ckpt_dir, kind="BERT")
     model_type = values.get("model_type", "bert")
     if model_type != "bert":
         raise UserError(f"{config_path}: field model_type={model_type!r}; expected 'bert'")

@@ -225,7 +225,8 @@ class FusedMaskedLM(nnx.Module):
     optimizer, data parallelism and Orbax see every parameter. Build it with ``build_fused_mlm``.
     """
 
-    def __init__(self, mlm: BertForMaskedLM, fusion_config: FusionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, mlm: BertForMaskedLM, fusion_config: FusionConfig, *, rngs: nnx.Rngs,
+                 audio_encoder: nnx.Module | None = None):
         bert_config = mlm.config
         self.fusion_config = fusion_config.resolve(bert_config)
         self.dtype = mlm.dtype
@@ -236,6 +237,12 @@ class FusedMaskedLM(nnx.Module):
                                         rngs=rngs)
         self.fusion = AudioFusionLayer(self.fusion_config, bert_config, dtype=self.dtype, param_dtype=param_dtype,
                                        rngs=rngs)
+        # The trained AST (``ith_jax.models.ast.AstAudioEncoder``) of ``audio.encoder=ast_trainable``, or None when
+        # the audio arrives as the cache's frozen tokens. Its output width must be the projector's input.
+        if audio_encoder is not None and audio_encoder.output_dim != self.fusion_config.audio_dim:
+            raise UserError(f"fusion config field audio_dim={self.fusion_config.audio_dim} is not the audio "
+                            f"encoder's output width {audio_encoder.output_dim}")
+        self.audio_encoder = audio_encoder
 
     def fuse(
         self,
@@ -253,16 +260,25 @@ class FusedMaskedLM(nnx.Module):
 
         ``audio_tokens [B, S, T, D_audio]``, ``audio_mask [B, S, T]`` (True = real token; None = all real),
         ``span_ranges [B, S, 2]``, ``span_fused [B, S]`` (bool). A slot whose audio tokens are all padding is
-        not fused. Returns the new hidden states (unfused tokens unchanged) and the gate per token ``[B, L]``
+        not fused. With a trained audio encoder, ``audio_tokens`` are each slot's filterbank features
+        ``[B, S, frames, mel]`` and ``audio_mask`` marks the frames computed from audio; the encoder turns them
+        into the tokens (every slot is encoded: static shapes). Returns the new hidden states (unfused tokens unchanged) and the gate per token ``[B, L]``
         float32: the mean over hidden units of g on fused tokens, 0 elsewhere (they keep all their text); with
         ``per_unit_gate`` the gate itself, ``[B, L, H]`` (for analysis: a mean near 0.5 can hide units that opened).
         """
         batch, length, hidden_size = hidden.shape
-        _, num_spans, num_tokens, _ = audio_tokens.shape
         if audio_mask is None:
             audio_mask = jnp.ones(audio_tokens.shape[:3], bool)
         audio_mask = audio_mask.astype(bool)
         span_fused = span_fused.astype(bool) & jnp.any(audio_mask, axis=-1)
+        if self.audio_encoder is not None:
+            clips = audio_tokens.shape[0] * audio_tokens.shape[1]
+            tokens, token_mask = self.audio_encoder(audio_tokens.reshape(clips, *audio_tokens.shape[2:]),
+                                                    audio_mask.reshape(clips, audio_mask.shape[-1]),
+                                                    deterministic=deterministic, rngs=rngs)
+            audio_tokens = tokens.reshape(*audio_tokens.shape[:2], *tokens.shape[1:])
+            audio_mask = token_mask.reshape(*audio_tokens.shape[:3])
+        _, num_spans, num_tokens, _ = audio_tokens.shape
         owner = span_token_owner(span_ranges, span_fused, length)  # [B, L]
         slot = jnp.arange(num_spans, dtype=jnp.int32)[None, None, :, None]
         key_allowed = (owner[:, :, None, None] == slot) & audio_mask[:, None]  # [B, L, S, T]
@@ -319,10 +335,13 @@ class FusedMaskedLM(nnx.Module):
         return (logits, gates[0]) if return_gate else logits
 
 
-def build_fused_mlm(mlm: BertForMaskedLM, fusion_config: FusionConfig, *, rngs: nnx.Rngs) -> FusedMaskedLM:
+def build_fused_mlm(mlm: BertForMaskedLM, fusion_config: FusionConfig, *, rngs: nnx.Rngs,
+                    audio_encoder: nnx.Module | None = None) -> FusedMaskedLM:
     """Wraps a (typically pretrained) ``BertForMaskedLM``; the projector and fusion layer are drawn from ``rngs``.
+    ``audio_encoder``: the trained AST (``ith_jax.models.ast.AstAudioEncoder``) that makes the audio tokens from
+    filterbank features, or None for cached tokens.
 
     Raises ``UserError`` when ``fusion_config`` does not fit the LM (fusion_layer past the last encoder layer,
     num_heads not dividing hidden_size).
     """
-    return FusedMaskedLM(mlm, fusion_config, rngs=rngs)
+    return FusedMaskedLM(mlm, fusion_config, rngs=rngs, audio_encoder=audio_encoder)
