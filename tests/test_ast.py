@@ -396,3 +396,29 @@ def test_bad_config_json_is_one_line(tiny, tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="does not exist"):
         ast_lib.ast_config_from_checkpoint(tmp_path / "missing")
+
+
+def test_long_attention_and_its_backward_match_jax_dot_product_attention():
+    """The CPU path's hand-written attention (forward and custom backward) against ``jax.nn.dot_product_attention``,
+    the function the GPU path calls: float32 to 1e-5; bfloat16 inputs to 0.1 (bfloat16 keeps 8 bits)."""
+    from ith_jax.models.ast import _long_attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (2, 50, 4, 8)) for key in keys[:3])
+    weights = jax.random.normal(keys[3], (2, 50, 4, 8))
+
+    def loss(attention, q, k, v):
+        return jnp.sum(jnp.sin(attention(q, k, v).astype(jnp.float32)) * weights)
+
+    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0)  # noqa: E731
+    np.testing.assert_allclose(_long_attention(q, k, v), reference(q, k, v), rtol=0, atol=1e-5)
+    ours = jax.grad(loss, argnums=(1, 2, 3))(_long_attention, q, k, v)
+    expected = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
+    for got, want in zip(ours, expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    assert _long_attention(*low).dtype == jnp.bfloat16
+    np.testing.assert_allclose(_long_attention(*low).astype(jnp.float32), reference(q, k, v), rtol=0, atol=0.1)
+    for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(_long_attention, *low), expected):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0, atol=0.2)

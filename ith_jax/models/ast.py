@@ -217,6 +217,52 @@ class AstEmbeddings(nnx.Module):
         return self.dropout(embedded, deterministic=deterministic, rngs=rngs)
 
 
+def _head_major(x: jax.Array) -> jax.Array:
+    return x.transpose(0, 2, 1, 3)  # [N, L, heads, d] <-> [N, heads, L, d]
+
+
+@jax.custom_vjp
+def _long_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """softmax(q k^T) v for AST's 1214-token sequences without attention dropout (AST's rate is 0):
+    ``[N, L, heads, d]`` each (queries already scaled) -> ``[N, L, heads, d]`` in the inputs' dtype.
+
+    Written out with its own backward, as flash attention does: the forward keeps only the output and each row's
+    log-sum-exp, and the backward recomputes the probabilities from them instead of storing ``[N, heads, L, L]``
+    between the passes; scores and probabilities are float32 whatever the compute dtype. Against autodiff of
+    ``BertLayer._attention`` (measured on the 2-core Intel Xeon, 4 clips x 12 heads x 1214 tokens, forward +
+    backward): 747 ms instead of 1,148 ms, 568 MiB of temporaries instead of 853 MiB.
+    """
+    return _long_attention_forward(query, key, value)[0]
+
+
+def _long_attention_forward(query, key, value):
+    q, k, v = _head_major(query), _head_major(key), _head_major(value)
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    output = jnp.matmul(unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32) / row_sum
+    output = output.astype(value.dtype)
+    return _head_major(output), (query, key, value, output, row_max + jnp.log(row_sum))
+
+
+def _long_attention_backward(residuals, grad_output):
+    query, key, value, output, log_sum_exp = residuals
+    q, k, v, grad = _head_major(query), _head_major(key), _head_major(value), _head_major(grad_output)
+    probs = jnp.exp(jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32) - log_sum_exp)
+    grad_probs = jnp.matmul(grad, v.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    # d softmax: p * (dp - sum(p * dp)), where sum(p * dp) over a row equals sum(grad * output) (fewer flops).
+    row_dot = jnp.sum(grad.astype(jnp.float32) * output.astype(jnp.float32), axis=-1, keepdims=True)
+    grad_scores = (probs * (grad_probs - row_dot)).astype(q.dtype)
+    grad_query = jnp.matmul(grad_scores, k)
+    grad_key = jnp.matmul(grad_scores.swapaxes(-1, -2), q)
+    grad_value = jnp.matmul(probs.astype(grad.dtype).swapaxes(-1, -2), grad)
+    return _head_major(grad_query), _head_major(grad_key), _head_major(grad_value)
+
+
+_long_attention.defvjp(_long_attention_forward, _long_attention_backward)
+
+
 class AstLayer(nnx.Module):
     """One pre-LayerNorm ViT block on the float32 residual stream: x + attn(LN(x)), then x + mlp(LN(x))."""
 
@@ -227,7 +273,8 @@ class AstLayer(nnx.Module):
             return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                               kernel_init=_normal_init(config), rngs=rngs)
 
-        # Attribute names shared with BertLayer: the self-attention is BertLayer._attention itself.
+        # Attribute names shared with BertLayer: with attention dropout on, the self-attention is
+        # BertLayer._attention itself (without it, `_long_attention`).
         self.dtype = dtype
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
@@ -246,13 +293,29 @@ class AstLayer(nnx.Module):
     def __call__(self, hidden: jax.Array, *, deterministic: bool, rngs) -> jax.Array:
         normed = self.layernorm_before(hidden).astype(self.dtype)
         # AST has no padding mask (the extractor's padding frames are attended to, as in Hugging Face).
-        context = BertLayer._attention(self, normed, jnp.float32(0.0), deterministic=deterministic, rngs=rngs)
+        if self.attention_dropout.rate == 0.0 or deterministic:
+            context = self._attention_without_dropout(normed)
+        else:
+            context = BertLayer._attention(self, normed, jnp.float32(0.0), deterministic=deterministic, rngs=rngs)
         attended = self.hidden_dropout(self.attention_output(context), deterministic=deterministic, rngs=rngs)
         hidden = hidden + attended.astype(jnp.float32)
         normed = self.layernorm_after(hidden).astype(self.dtype)
         expanded = self.activation(self.intermediate(normed).astype(jnp.float32)).astype(self.dtype)
         projected = self.hidden_dropout(self.output(expanded), deterministic=deterministic, rngs=rngs)
         return hidden + projected.astype(jnp.float32)
+
+
+    def _attention_without_dropout(self, normed: jax.Array) -> jax.Array:
+        batch, length, _ = normed.shape
+        heads = lambda x: x.reshape(batch, length, self.num_heads, self.head_dim)  # noqa: E731
+        query = heads(self.query(normed)) * jnp.asarray(1.0 / math.sqrt(self.head_dim), self.dtype)
+        key, value = heads(self.key(normed)), heads(self.value(normed))
+        if jax.default_backend() == "gpu":
+            # cuDNN's fused (flash) attention where it applies (bfloat16), XLA's otherwise.
+            context = jax.nn.dot_product_attention(query, key, value, scale=1.0)
+        else:
+            context = _long_attention(query, key, value)
+        return context.reshape(batch, length, self.num_heads * self.head_dim)
 
 
 def _apply_layer(layer: AstLayer, hidden: jax.Array, rngs, deterministic: bool) -> jax.Array:
