@@ -10,6 +10,9 @@ manifests (``python -m ith_jax.detect``) and whose audio from a cache (``python 
     python -m ith_jax.train --config configs/lm.py:tiny --workdir /tmp/smoke
     python -m ith_jax.train --config configs/lm.py:tiny,pitch,audio --workdir /tmp/ith \
         --config.audio.spans=spans_train.jsonl,spans_dev.jsonl --config.audio.cache_dir=workdirs/cache
+    # ITH's trained AST instead of the cache's frozen tokens (a cache of filterbank features, configs/gen.py:fbank):
+    python -m ith_jax.train --config configs/lm.py:minilm,pitch,audio --workdir runs/ith_ast \
+        --config.audio.spans=spans.jsonl --config.audio.cache_dir=workdirs/fbank --config.audio.encoder=ast_trainable
 
 Paper settings: batch 32, AdamW, lr 4e-5 (pitch) / 3e-4 (animal), 10% linear warm-up then linear decay,
 gradient clipping at 1.0. The paper does not state the epoch count used for the LM; 10 is ours. The text-only

@@ -193,12 +193,18 @@ RESUME_KEYS = ("head", "task", "train_files", "max_train_examples", "strict_data
                "batch_size", "seed", "audio")
 
 
+# The audio keys of the trained AST: they shape the model (which the model spec checks on resume) or the optimizer
+# (which may change on resume), not which audio a row hears, so they stay out of the resume comparison; a
+# checkpoint written before they existed therefore still resumes.
+AUDIO_MODEL_KEYS = ("encoder", "ast_model", "num_tokens", "ast_learning_rate", "ast_remat", "ast_dtype")
+
+
 def resume_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The RESUME_KEYS of ``config`` as JSON values (tuples become lists, as in a checkpoint's metadata);
-    ``audio`` is null for a text-only config."""
+    ``audio`` (without ``AUDIO_MODEL_KEYS``) is null for a text-only config."""
     values = {key: config[key] if key in config else None for key in RESUME_KEYS}
     if values["audio"] is not None:
-        values["audio"] = values["audio"].to_dict()
+        values["audio"] = {k: v for k, v in values["audio"].to_dict().items() if k not in AUDIO_MODEL_KEYS}
     return json.loads(json.dumps(values))
 
 

@@ -266,3 +266,18 @@ def test_gradients_reach_the_ast_through_the_fusion():
     assert ast_grads and all(np.isfinite(g).all() for g in ast_grads.values())
     assert all(np.abs(g).max() > 0 for g in ast_grads.values()), \
         [k for k, g in ast_grads.items() if not np.abs(g).max() > 0]
+
+
+def test_the_ast_keys_do_not_block_a_resume_but_the_data_keys_still_do(tmp_path):
+    from ith_common.config import load_config_file
+    from ith_common.errors import UserError
+
+    config = load_config_file(f"{REPO / 'configs/lm.py'}:tiny,pitch,audio")
+    saved = trainer_lib.resume_values(config)  # as a checkpoint stores it; one written before issue 10 is the same
+    assert not set(trainer_lib.AUDIO_MODEL_KEYS) & set(saved["audio"])
+    config.audio.ast_learning_rate = 1e-3  # an optimizer setting may change on resume, like learning_rate
+    config.audio.ast_remat = True
+    trainer_lib.check_resume_values(saved, config, tmp_path)
+    config.audio.shuffle = True  # which audio a row hears may not
+    with pytest.raises(UserError, match="audio="):
+        trainer_lib.check_resume_values(saved, config, tmp_path)
