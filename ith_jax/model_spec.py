@@ -34,6 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 AUDIO_ENCODERS = ("cached", "ast_trainable")
 # ModelSpec.audio_encoder's keys: the AST architecture, pooled tokens per span (0 = all), remat, compute dtype.
 AUDIO_ENCODER_KEYS = ("ast", "num_tokens", "remat", "dtype")
+AST_MODEL_KEY = "config key audio.ast_model"  # how errors about the AST checkpoint name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ def spec_from_config(config: ml_collections.ConfigDict, head: str, num_labels: i
     fusion = audio_encoder = None
     ast_source = pretrained_ast_source(config)
     if ast_source is not None:
-        ast_config = ast_lib.ast_config_from_checkpoint(ast_source)
+        ast_config = ast_lib.ast_config_from_checkpoint(ast_source, what=AST_MODEL_KEY)
         audio_dim = ast_config.hidden_size
         audio_encoder = {"ast": ast_config.to_dict(), "num_tokens": config.audio.num_tokens,
                          "remat": config.audio.ast_remat, "dtype": config.audio.ast_dtype or config.dtype}
@@ -198,7 +199,7 @@ def _build_audio_encoder(spec: ModelSpec, *, seed: int, pretrained: str | None) 
     settings = spec.audio_encoder
     dtype = DTYPES[settings["dtype"]]
     if pretrained is not None:
-        ast, info = ast_lib.load_pretrained_ast(pretrained, dtype=dtype, remat=settings["remat"])
+        ast, info = ast_lib.load_pretrained_ast(pretrained, dtype=dtype, remat=settings["remat"], what=AST_MODEL_KEY)
         if info.config != spec.ast_config:
             raise UserError(f"{info.checkpoint_dir}: its config.json is not the AST architecture of the model spec "
                             f"({info.config} vs {spec.ast_config})")

@@ -281,3 +281,11 @@ def test_the_ast_keys_do_not_block_a_resume_but_the_data_keys_still_do(tmp_path)
     config.audio.shuffle = True  # which audio a row hears may not
     with pytest.raises(UserError, match="audio="):
         trainer_lib.check_resume_values(saved, config, tmp_path)
+
+
+def test_a_missing_ast_checkpoint_is_one_line_naming_the_config_key(inputs, tmp_path):
+    result = run(ast_command(tmp_path / "w", inputs, f"--config.audio.ast_model={tmp_path / 'no_such_ast'}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: config key audio.ast_model: checkpoint directory {tmp_path / 'no_such_ast'} does not exist"
+    assert not (tmp_path / "w" / "checkpoints").exists()

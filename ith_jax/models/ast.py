@@ -513,20 +513,21 @@ def ast_checkpoint_dir(path_or_id: str | os.PathLike, *, what: str = "AST checkp
     return hub.resolve_checkpoint_dir(path_or_id, what=what, allow_patterns=AST_ALLOW_PATTERNS)
 
 
-def ast_config_from_checkpoint(path_or_id: str | os.PathLike) -> AstConfig:
-    """The ``AstConfig`` of a checkpoint's ``config.json`` (a directory or a hub id)."""
-    ckpt_dir = ast_checkpoint_dir(path_or_id)
+def ast_config_from_checkpoint(path_or_id: str | os.PathLike, *, what: str = "AST checkpoint") -> AstConfig:
+    """The ``AstConfig`` of a checkpoint's ``config.json`` (a directory or a hub id; ``what`` as for
+    ``ast_checkpoint_dir``)."""
+    ckpt_dir = ast_checkpoint_dir(path_or_id, what=what)
     values = read_config_json(ckpt_dir, kind="AST")
     return AstConfig.from_hf_config(values, source=str(ckpt_dir / "config.json"))
 
 
-def load_pretrained_ast(path_or_id: str | os.PathLike, *, dtype=jnp.float32,
-                        remat: bool = False) -> tuple[AstModel, AstLoadInfo]:
+def load_pretrained_ast(path_or_id: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False,
+                        what: str = "AST checkpoint") -> tuple[AstModel, AstLoadInfo]:
     """An ``AstModel`` with every parameter taken from a Hugging Face ``ASTModel`` or
     ``ASTForAudioClassification`` checkpoint (its ``classifier.*`` head is ignored and listed in the info).
     A missing, unexpected or mis-shaped tensor is a ``UserError`` naming the weights file and the tensor."""
-    ckpt_dir = ast_checkpoint_dir(path_or_id)
-    config = ast_config_from_checkpoint(ckpt_dir)
+    ckpt_dir = ast_checkpoint_dir(path_or_id, what=what)
+    config = ast_config_from_checkpoint(ckpt_dir, what=what)
     weights_file = _weights_file(ckpt_dir)
     weights = load_hf_weights(ckpt_dir)
     # Only shapes are needed to place the weights: no random initialisation of ~86M parameters.
