@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -141,14 +142,50 @@ def _is_abandoned_io_callback(unraisable) -> bool:
 
 
 class _DropAbandonedOrbaxTasks(logging.Filter):
-    """The same abandoned writes, seen through asyncio: a failed orbax task whose exception nobody retrieved is
-    logged by asyncio ("Task exception was never retrieved") when it is garbage-collected, which may be after
-    the failure was reported (it made a reported failure end in a traceback instead of its one line)."""
+    """The same abandoned writes, seen through asyncio: a failed orbax task, or the ``asyncio.gather`` future
+    around several, whose exception nobody retrieved is logged by asyncio ("Task exception was never retrieved",
+    "_GatheringFuture exception was never retrieved") when it is garbage-collected, which may be after the
+    failure was reported (it made a reported failure end in a traceback instead of its one line). Plain futures
+    ("Future exception was never retrieved") come from tensorstore's thread with neither. Dropped only when the
+    task's coroutine or the exception's traceback lies in orbax's files, or the error is about a write into one
+    of orbax's temporary checkpoint directories."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved")
-                    and f"{os.sep}orbax{os.sep}" in message)
+        if "exception was never retrieved" not in message.partition("\n")[0]:
+            return True
+        return not (_SAVE_FAILED or _in_orbax(message) or ORBAX_TEMPORARY_MARK in message
+                    or _raised_in_orbax(record.exc_info[1] if record.exc_info else None))
+
+
+# Set once a save of this process has failed: from then on every unretrieved asyncio failure and unawaited
+# coroutine is taken for one of orbax's abandoned writes (they surface at garbage collection, in several
+# shapes, up to interpreter exit), since the failure itself has been reported in one line.
+_SAVE_FAILED = False
+
+
+def _silence_abandoned_writes() -> None:
+    global _SAVE_FAILED
+    _SAVE_FAILED = True
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
+# Orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp..." and renames it when complete; a failed write's
+# error names that path.
+ORBAX_TEMPORARY_MARK = ".orbax-checkpoint-tmp"
+
+
+def _in_orbax(text: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in text
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    traceback = error.__traceback__ if error is not None else None
+    while traceback is not None:
+        if _in_orbax(traceback.tb_frame.f_code.co_filename):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _install_unraisable_filter() -> None:
@@ -224,6 +261,7 @@ class Checkpoints:
                     force=True)
                 manager.wait_until_finished()
         except Exception as error:  # tensorstore reports a failed write (EFBIG, ENOSPC, EIO) as a ValueError
+            _silence_abandoned_writes()
             code = re.search(r"os_error_code='?(\d+)", str(error))
             reason = os.strerror(int(code.group(1))) if code else describe_failure(error)
             raise OSError(int(code.group(1)) if code else errno.EIO,
